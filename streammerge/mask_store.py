@@ -1,0 +1,182 @@
+"""The occupancy store: every model's kept mask for every tensor, as packed bits in zarr.
+
+Layout of ``OUT_DIR/occupancy.zarr`` (zarr v3):
+
+* group attributes: ``streammerge_version``, ``method``, ``recipe`` (as parsed), ``options``,
+  ``models`` (processing order: name, path, weight, n, m), ``order`` (model names);
+* one 1-D ``uint8`` array per (model, tensor) at ``masks/<k>/<tensor name>``, where ``k`` is
+  the model's position in processing order. Bit ``i`` (``np.packbits`` order: MSB first) is
+  element ``i`` of the tensor's row-major flattening. Array chunks are the packed bytes of one
+  processing chunk, so every chunk write fills exactly one zarr chunk (no read-modify-write),
+  compressed with zstd level 1. Attributes: ``shape``, ``numel``, ``kept`` (set when done).
+
+:class:`MaskStore` is the seam; :class:`ZarrMaskStore` is the real thing and
+:class:`MemoryMaskStore` a dict-backed twin for tests. Both pass the same contract tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from .errors import StreamMergeError
+
+STORE_NAME = "occupancy.zarr"
+
+
+class MaskStore(Protocol):
+    """Write-once-per-chunk storage of per-(model, tensor) boolean masks."""
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None: ...
+
+    def attrs(self) -> dict[str, Any]: ...
+
+    def create(self, model: int, tensor: str, shape: Sequence[int], chunk_elems: int) -> None:
+        """Declare a mask; ``chunk_elems`` must be a multiple of 8."""
+        ...
+
+    def write(self, model: int, tensor: str, start: int, mask: torch.Tensor) -> None:
+        """Store ``mask`` (1-D bool) at element ``start`` (a multiple of ``chunk_elems``)."""
+        ...
+
+    def finish(self, model: int, tensor: str, kept: int) -> None:
+        """Record the tensor's kept count once all its chunks are written."""
+        ...
+
+    def read(self, model: int, tensor: str) -> torch.Tensor:
+        """The whole mask as a bool tensor of the tensor's shape."""
+        ...
+
+
+def _pack(mask: torch.Tensor) -> np.ndarray:
+    return np.packbits(mask.numpy())
+
+
+def _unpack(packed: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    numel = int(np.prod(shape, dtype=np.int64))
+    bits = np.unpackbits(packed, count=numel).astype(bool)
+    return torch.from_numpy(bits).reshape(tuple(shape))
+
+
+class ZarrMaskStore:
+    """:class:`MaskStore` on a zarr v3 directory store."""
+
+    def __init__(self, path: Path, mode: str = "r") -> None:
+        self.path = path
+        try:
+            self.group = zarr.open_group(store=str(path), mode=mode)  # type: ignore[arg-type]
+        except FileNotFoundError as e:
+            raise StreamMergeError(f"{path}: no occupancy store here") from e
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        self.group.attrs.update(dict(attrs))
+
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def _key(self, model: int, tensor: str) -> str:
+        return f"masks/{model}/{tensor}"
+
+    def create(self, model: int, tensor: str, shape: Sequence[int], chunk_elems: int) -> None:
+        if chunk_elems % 8:
+            raise ValueError("mask chunks must hold a whole number of bytes")
+        numel = int(np.prod(shape, dtype=np.int64))
+        nbytes = -(-numel // 8)
+        arr = self.group.create_array(
+            self._key(model, tensor),
+            shape=(nbytes,),
+            chunks=(max(1, min(chunk_elems // 8, nbytes)),),
+            dtype="uint8",
+            fill_value=0,
+            compressors=ZstdCodec(level=1),
+            overwrite=True,
+        )
+        arr.attrs.update({"shape": list(shape), "numel": numel})
+
+    def _array(self, model: int, tensor: str) -> zarr.Array:
+        return self.group[self._key(model, tensor)]  # type: ignore[return-value]
+
+    def write(self, model: int, tensor: str, start: int, mask: torch.Tensor) -> None:
+        packed = _pack(mask)
+        self._array(model, tensor)[start // 8 : start // 8 + packed.size] = packed
+
+    def finish(self, model: int, tensor: str, kept: int) -> None:
+        self._array(model, tensor).attrs["kept"] = int(kept)
+
+    def read(self, model: int, tensor: str) -> torch.Tensor:
+        try:
+            arr = self._array(model, tensor)
+        except KeyError as e:
+            raise StreamMergeError(f"{self.path}: no mask for model {model}, tensor {tensor!r}") from e
+        return _unpack(np.asarray(arr[:]), arr.attrs["shape"])  # type: ignore[arg-type]
+
+    def kept(self, model: int, tensor: str) -> int | None:
+        return self._array(model, tensor).attrs.get("kept")  # type: ignore[return-value]
+
+
+class MemoryMaskStore:
+    """:class:`MaskStore` in a dict; same contract, no disk."""
+
+    def __init__(self) -> None:
+        self._attrs: dict[str, Any] = {}
+        self._masks: dict[tuple[int, str], tuple[np.ndarray, list[int]]] = {}
+        self.kept_counts: dict[tuple[int, str], int] = {}
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        self._attrs.update(attrs)
+
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._attrs)
+
+    def create(self, model: int, tensor: str, shape: Sequence[int], chunk_elems: int) -> None:
+        if chunk_elems % 8:
+            raise ValueError("mask chunks must hold a whole number of bytes")
+        numel = int(np.prod(shape, dtype=np.int64))
+        self._masks[(model, tensor)] = (np.zeros(-(-numel // 8), np.uint8), list(shape))
+
+    def write(self, model: int, tensor: str, start: int, mask: torch.Tensor) -> None:
+        packed = _pack(mask)
+        self._masks[(model, tensor)][0][start // 8 : start // 8 + packed.size] = packed
+
+    def finish(self, model: int, tensor: str, kept: int) -> None:
+        self.kept_counts[(model, tensor)] = kept
+
+    def read(self, model: int, tensor: str) -> torch.Tensor:
+        packed, shape = self._masks[(model, tensor)]
+        return _unpack(packed, shape)
+
+
+def read_mask(out_dir: str | Path, model: int | str, tensor: str) -> torch.Tensor:
+    """One model's kept mask for one tensor of a finished merge, as a bool tensor.
+
+    Args:
+        out_dir: the merge's output folder (holding ``occupancy.zarr``).
+        model: position in processing (pruning) order, or the model's reference as written in
+            the recipe, its folder name, or its resolved path.
+        tensor: tensor name, e.g. ``"model.layers.0.mlp.up_proj.weight"``.
+
+    Returns:
+        A bool tensor of the tensor's shape; True where the model's task vector was kept.
+    """
+    store = ZarrMaskStore(Path(out_dir) / STORE_NAME)
+    return store.read(model_index(store.attrs(), model), tensor)
+
+
+def model_index(attrs: Mapping[str, Any], model: int | str) -> int:
+    """Resolve a model reference against the store's ``models`` attribute."""
+    models = attrs.get("models", [])
+    if isinstance(model, int):
+        if not 0 <= model < len(models):
+            raise StreamMergeError(f"model index {model} out of range (0..{len(models) - 1})")
+        return model
+    for i, m in enumerate(models):
+        if model in (m["name"], m["path"], Path(m["path"]).name):
+            return i
+    names = ", ".join(m["name"] for m in models)
+    raise StreamMergeError(f"no model {model!r} in this merge (models: {names})")

@@ -1,0 +1,109 @@
+"""CABS: conflict-aware sequential n:m sparsification (ICML 2025), K >= 2 models.
+
+Semantics (``cabs_spec.md`` §3, settled as streammerge defines them):
+
+* models are pruned one after another in pruning order; ``tau_k = ft_k - base`` in the
+  compute dtype;
+* ``strict``: only positions not claimed by earlier models are eligible; in every block the n
+  eligible positions with the largest ``|tau_k|`` are selected (ties to the lower index);
+* ``fill``: the free positions rank first, then claimed ones, each by ``|tau_k|``, so a model
+  keeps its full quota of n even when fewer than n positions are free (the paper's
+  low-sparsity rule); overlapping positions are summed;
+* a model's mask, and its claim, is the selected positions whose tau is non-zero;
+* ``out = base + sum_k w_k * tau_k * mask_k`` in pruning order; no rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .base import MergeResult, MethodOptions, ModelParams, scalar
+from .nm import magnitude_key, nm_select
+
+
+class Cabs:
+    name = "cabs"
+    sparsifies = True
+
+    def alignment(self, params: Sequence[ModelParams]) -> int:
+        # Chunks must start on a block boundary of every model and on a byte of packed bits.
+        return math.lcm(8, *(p.m for p in params))
+
+    def merge(
+        self,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+    ) -> MergeResult:
+        strict = options.overlap_policy == "strict"
+        b = base.to(dtype)
+        acc = b.clone()
+        claimed: torch.Tensor | None = None
+        masks = []
+        for ft, p in zip(fts, params, strict=True):
+            tau = ft.to(dtype, copy=True).sub_(b)
+            key = magnitude_key(tau)
+            if claimed is not None:
+                if strict:
+                    key.masked_fill_(claimed, -1)  # below every magnitude key (>= 0)
+                else:
+                    key = torch.where(claimed, key + torch.iinfo(key.dtype).min, key)
+            mask = nm_select(key, p.n, p.m, options.tail_policy)
+            mask &= tau != 0
+            if strict and claimed is not None:
+                mask &= ~claimed  # a block with fewer than n free positions
+            acc.add_(tau.mul_(scalar(p.weight, dtype)).mul_(mask))
+            claimed = mask.clone() if claimed is None else claimed.logical_or_(mask)
+            masks.append(mask)
+        return MergeResult(acc, masks)
+
+    def reference(
+        self,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+    ) -> MergeResult:
+        b = base.to(dtype).flatten()
+        out = b
+        claimed = torch.zeros(b.numel(), dtype=torch.bool)
+        masks = []
+        for ft, p in zip(fts, params, strict=True):
+            tau = ft.to(dtype).flatten() - b
+            # tier: 1 = free, 0 = claimed but may fill, -1 = never eligible
+            tier = torch.where(claimed, -1 if options.overlap_policy == "strict" else 0, 1)
+            sel = reference_nm(tau.abs().double(), tier, p.n, p.m, options.tail_policy)
+            mask = sel & (tau != 0)
+            out = out + scalar(p.weight, dtype) * tau * mask
+            claimed = claimed | mask
+            masks.append(mask)
+        return MergeResult(out, masks)
+
+
+def reference_nm(
+    mag: torch.Tensor, tier: torch.Tensor, n: int, m: int, tail_policy: str
+) -> torch.Tensor:
+    """Plain n:m: per block, rank by (tier desc, magnitude desc, index asc); keep rank < n.
+
+    Positions with ``tier < 0`` are never selected. The last block of ``r < m`` real elements
+    has a quota of ``min(n, r)`` (``keep_topn_padded``) or 0 (``zero``).
+    """
+    size = mag.numel()
+    nb = -(-size // m)
+    pad = nb * m - size
+    mag = torch.cat([mag, torch.zeros(pad, dtype=mag.dtype)]).view(nb, m)
+    tier = torch.cat([tier, torch.full((pad,), -2)]).view(nb, m)
+    by_mag = torch.sort(mag, dim=1, descending=True, stable=True).indices
+    by_tier = torch.sort(tier.gather(1, by_mag), dim=1, descending=True, stable=True).indices
+    order = by_mag.gather(1, by_tier)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(m).expand(nb, m).contiguous())
+    quota = torch.full((nb, 1), n)
+    if pad:
+        quota[-1] = min(n, m - pad) if tail_policy == "keep_topn_padded" else 0
+    return ((rank < quota) & (tier >= 0)).view(-1)[:size]

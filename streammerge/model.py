@@ -1,0 +1,108 @@
+"""Hugging Face model folders: find the shards, index the tensors, check models agree.
+
+A model is a folder holding ``model.safetensors``, or shards plus
+``model.safetensors.index.json``. Only headers are read here; data stays on disk until the
+scheduler asks for a chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .safetensors_io import SafetensorsFile, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+class ModelFolder:
+    """The tensors of one model folder, by name, each with the shard that holds it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.is_dir():
+            raise InputError(f"{path}: model folder not found")
+        index = path / INDEX_NAME
+        if index.is_file():
+            shard_names = self._read_index(index)
+        elif (path / SINGLE_NAME).is_file():
+            shard_names = {SINGLE_NAME: None}
+        else:
+            pickles = [p.name for pat in PICKLE_PATTERNS for p in path.glob(pat)]
+            if pickles:
+                raise InputError(
+                    f"{path}: only pickle checkpoints found ({pickles[0]}); streammerge reads "
+                    "safetensors only (pickle files can run arbitrary code). Convert the model first."
+                )
+            raise InputError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in the folder")
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, SafetensorsFile] = {}
+        for fname, expected in shard_names.items():
+            f = SafetensorsFile(path / fname)
+            self.files[fname] = f
+            for name in f.tensors if expected is None else expected:
+                if name not in f.tensors:
+                    raise InputError(f"{f.path}: tensor {name!r} listed in {INDEX_NAME} is missing")
+                self.where[name] = f
+
+    def _read_index(self, index: Path) -> dict[str, list[str] | None]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{index}: unreadable index ({e})") from e
+        root = self.path.resolve()
+        shards: dict[str, list[str] | None] = {}
+        for name, fname in weight_map.items():
+            target = (self.path / fname).resolve()
+            if target.parent != root:
+                raise InputError(
+                    f"{index}: tensor {name!r} points to {fname!r}, outside the model folder"
+                )
+            if not target.is_file():
+                raise InputError(f"{index}: tensor {name!r}: shard {fname!r} does not exist")
+            shards.setdefault(fname, []).append(name)  # type: ignore[union-attr]
+        return shards
+
+    def info(self, name: str) -> TensorInfo:
+        return self.where[name].tensors[name]
+
+    def names(self) -> list[str]:
+        """Tensor names in on-disk order (shard by shard, by offset): a stable plan order."""
+        return sorted(self.where, key=lambda n: (self.where[n].path.name, self.info(n).begin, n))
+
+    def read(self, name: str, start: int, end: int) -> torch.Tensor:
+        return self.where[name].read(name, start, end)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def check_compatible(base: ModelFolder, others: Sequence[ModelFolder]) -> None:
+    """All models must have the base's tensor names, shapes and (for non-floats) dtypes.
+
+    Every mismatch is collected and reported in one error, so the user fixes them in one go.
+    """
+    problems: list[str] = []
+    for m in others:
+        missing = sorted(set(base.where) - set(m.where))
+        extra = sorted(set(m.where) - set(base.where))
+        problems += [f"{m.path}: tensor {n!r} is missing (present in base {base.path})" for n in missing]
+        problems += [f"{m.path}: tensor {n!r} is not in base {base.path}" for n in extra]
+        for n in sorted(set(base.where) & set(m.where)):
+            b, t = base.info(n), m.info(n)
+            if b.shape != t.shape:
+                problems.append(
+                    f"{m.path}: tensor {n!r} has shape {list(t.shape)}, base has {list(b.shape)}"
+                )
+            elif b.is_float != t.is_float or (not b.is_float and b.dtype != t.dtype):
+                problems.append(f"{m.path}: tensor {n!r} has dtype {t.dtype}, base has {b.dtype}")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise InputError(f"models do not match ({len(problems)} problems): " + "; ".join(shown))

@@ -1,0 +1,371 @@
+"""Where bytes meet disk: a memory-mapped safetensors reader and a positional shard writer.
+
+Reading: we parse the header ourselves and ``mmap`` the whole shard privately. A chunk of a
+tensor (a flat element range) is returned as a zero-copy torch view of the mapping; once the
+caller is done with it, :meth:`SafetensorsFile.release` drops the pages from this process
+(``MADV_DONTNEED``) so that mapped input never accumulates in RSS, whatever the model size.
+
+Writing: every output shard is planned before any math (names, dtypes, shapes, offsets), so the
+header is known up front. A shard is created as ``<name>.partial`` at its final size and filled
+with ``os.pwrite`` at precomputed offsets, in any order; it is fsynced and renamed when complete.
+We never truncate a path that could be mapped as an input (safetensors issue #762).
+
+Format facts (safetensors ``tensor.rs``): 8-byte little-endian header length N, N bytes of
+compact JSON (``__metadata__`` first, right-padded with spaces so data starts 8-aligned), then
+the data buffer with no holes, tensors ordered by dtype alignment (descending) then name.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+MAX_HEADER_SIZE = 100_000_000
+"""Largest header the reference implementation accepts, in bytes."""
+
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+"""Bytes per element for every dtype string we accept."""
+
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+"""Dtypes that take part in a merge; all others are copied from the base."""
+
+TORCH_TO_ST = {v: k for k, v in FLOAT_DTYPES.items()}
+
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor of a safetensors file."""
+
+    name: str
+    dtype: str
+    """safetensors dtype string, e.g. ``"BF16"``."""
+    shape: tuple[int, ...]
+    begin: int
+    """Absolute byte offset of the first element in the file."""
+    end: int
+    """Absolute byte offset one past the last element (exclusive)."""
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Checks what a broken or hostile file could get wrong: header size, JSON syntax, known
+    dtypes, byte length = numel x itemsize, offsets inside the file, no overlaps.
+    Returns ``(tensors by name, __metadata__)``; offsets in the result are absolute.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise InputError(f"{path}: file too short to be safetensors ({size} bytes)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER_SIZE:
+                raise InputError(f"{path}: header length {n} exceeds the 100 MB safetensors limit")
+            if 8 + n > size:
+                raise InputError(
+                    f"{path}: header length {n} is larger than the file ({size} bytes); "
+                    "the file is truncated or not safetensors"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            b, e = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{path}: tensor {name!r}: malformed header entry") from err
+        if dtype not in ITEMSIZE:
+            raise InputError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
+        info = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+        if b < 0 or e < b or any(d < 0 for d in shape):
+            raise InputError(f"{path}: tensor {name!r}: invalid offsets [{b}, {e}] or shape")
+        if info.nbytes != info.numel * info.itemsize:
+            raise InputError(
+                f"{path}: tensor {name!r}: {info.nbytes} bytes for shape {list(shape)} "
+                f"{dtype} (expected {info.numel * info.itemsize})"
+            )
+        if info.end > size:
+            raise InputError(
+                f"{path}: tensor {name!r}: data ends at byte {info.end} but the file has "
+                f"{size} bytes (truncated?)"
+            )
+        tensors[name] = info
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.nbytes)
+    for (_, e0, a), (b1, _, b) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise InputError(f"{path}: tensors {a!r} and {b!r} overlap in the data buffer")
+    return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+class SafetensorsFile:
+    """A privately memory-mapped safetensors file that hands out chunk views.
+
+    Chunks are flat element ranges ``[start, end)`` of a tensor's row-major flattening.
+    Views alias the mapping: never write to them (that would copy-on-write into anonymous
+    memory) and drop them before :meth:`close`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tensors, self.metadata = read_header(path)
+        self._mm: mmap.mmap | None = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with self.path.open("rb") as f:
+                # ACCESS_COPY (MAP_PRIVATE, writable) lets torch.frombuffer alias the pages
+                # without a read-only warning; we never write, so nothing is ever copied.
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._mm.madvise(mmap.MADV_SEQUENTIAL)
+        return self._mm
+
+    def _byte_range(self, name: str, start: int, end: int) -> tuple[int, int]:
+        t = self.tensors[name]
+        if not 0 <= start <= end <= t.numel:
+            raise IndexError(f"{self.path}: {name}: element range [{start}, {end}) out of bounds")
+        return t.begin + start * t.itemsize, t.begin + end * t.itemsize
+
+    def read(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Zero-copy 1-D view of elements ``[start, end)`` of a float tensor."""
+        b, e = self._byte_range(name, start, end)
+        dtype = FLOAT_DTYPES[self.tensors[name].dtype]
+        if e == b:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(self._map(), dtype=dtype, count=end - start, offset=b)
+
+    def read_bytes(self, name: str, start: int, end: int) -> bytes:
+        """Raw bytes of elements ``[start, end)`` (any dtype), as a copy."""
+        b, e = self._byte_range(name, start, end)
+        return bytes(self._map()[b:e]) if e > b else b""
+
+    def prefetch(self, name: str, start: int, end: int) -> None:
+        """Ask the kernel to start reading a range we will need soon (non-blocking)."""
+        b, e = self._byte_range(name, start, end)
+        lo, hi = (b // _PAGE) * _PAGE, e
+        if hi > lo:
+            self._map().madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+
+    def release(self, name: str, start: int, end: int) -> None:
+        """Drop the mapped pages of a consumed range from this process's RSS.
+
+        Pages stay in the page cache; touching them again just faults them back in.
+        """
+        if self._mm is None:
+            return
+        b, e = self._byte_range(name, start, end)
+        lo = (b // _PAGE) * _PAGE
+        hi = min(-(-e // _PAGE) * _PAGE, len(self._mm))
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True, slots=True)
+class OutTensor:
+    """A tensor's place in a planned output shard."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    """Absolute byte offset of the first element in the shard file."""
+    end: int
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """One output file: its name, exact header bytes and tensor offsets."""
+
+    filename: str
+    header: bytes
+    """The 8-byte length prefix plus the padded JSON header."""
+    tensors: tuple[OutTensor, ...]
+
+    @property
+    def size(self) -> int:
+        """Final file size in bytes."""
+        return self.tensors[-1].end if self.tensors else len(self.header)
+
+
+def _header_bytes(specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
+    """Header bytes and data-relative begin offsets for specs already in file order."""
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets, pos = [], 0
+    for name, dtype, shape in specs:
+        n = ITEMSIZE[dtype]
+        for d in shape:
+            n *= d
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        offsets.append(pos)
+        pos += n
+    js = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    js += b" " * (-len(js) % 8)  # pad so the data section starts 8-aligned
+    return struct.pack("<Q", len(js)) + js, offsets
+
+
+def shard_layout(
+    specs: Iterable[tuple[str, str, tuple[int, ...]]], filename: str
+) -> ShardPlan:
+    """Lay out one shard like the official writer: dtype alignment descending, then name."""
+    ordered = sorted(specs, key=lambda s: (-ITEMSIZE[s[1]], s[0]))
+    header, offsets = _header_bytes(ordered)
+    tensors = []
+    for (name, dtype, shape), off in zip(ordered, offsets, strict=True):
+        n = ITEMSIZE[dtype]
+        for d in shape:
+            n *= d
+        tensors.append(OutTensor(name, dtype, tuple(shape), len(header) + off, len(header) + off + n))
+    return ShardPlan(filename, header, tuple(tensors))
+
+
+def plan_shards(
+    specs: Sequence[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int
+) -> tuple[ShardPlan, ...]:
+    """Split tensors (in the given order) greedily into shards of at most ``max_shard_bytes``.
+
+    Same rule as huggingface_hub: a new shard starts when the next tensor would overflow the
+    current one; a tensor larger than the limit gets a shard of its own. Names follow
+    ``model-00001-of-0000N.safetensors``.
+    """
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    used = 0
+    for spec in specs:
+        n = ITEMSIZE[spec[1]]
+        for d in spec[2]:
+            n *= d
+        if groups[-1] and used + n > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(spec)
+        used += n
+    total = len(groups)
+    return tuple(
+        shard_layout(g, f"model-{i + 1:05d}-of-{total:05d}.safetensors")
+        for i, g in enumerate(groups)
+    )
+
+
+def write_index(out_dir: Path, shards: Sequence[ShardPlan], extra: dict[str, str]) -> None:
+    """Write ``model.safetensors.index.json`` atomically (temp file + rename)."""
+    weight_map = {t.name: s.filename for s in shards for t in s.tensors}
+    total = sum(t.end - t.begin for s in shards for t in s.tensors)
+    doc = {"metadata": {"total_size": total, **extra}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(doc, indent=2) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so that readers see either the old or the complete new content."""
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Fills one planned shard at precomputed offsets; renames it into place when complete."""
+
+    def __init__(self, out_dir: Path, plan: ShardPlan) -> None:
+        self.plan = plan
+        self.final_path = out_dir / plan.filename
+        self.partial_path = out_dir / (plan.filename + ".partial")
+        self._by_name = {t.name: t for t in plan.tensors}
+        self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._fd, plan.header, 0)
+        os.ftruncate(self._fd, plan.size)  # sparse until filled
+
+    def write(self, name: str, start_elem: int, data: bytes | memoryview) -> None:
+        """Write the bytes of elements starting at ``start_elem`` of tensor ``name``."""
+        t = self._by_name[name]
+        pos = t.begin + start_elem * t.itemsize
+        if pos + len(data) > t.end:
+            raise ValueError(f"{name}: write past the end of the tensor")
+        mv = memoryview(data).cast("B")
+        while mv:
+            n = os.pwrite(self._fd, mv, pos)
+            mv, pos = mv[n:], pos + n
+
+    def finish(self) -> None:
+        """fsync, close and rename ``.partial`` to the final name."""
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.partial_path, self.final_path)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    t = t.contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from streammerge.safetensors_io import atomic_write_text  # noqa: E402
-from streammerge.synth import PRESETS, generate_family  # noqa: E402
+from streammerge.safetensors_io import atomic_write_text
+from streammerge.synth import PRESETS, SYNTH_VERSION, generate_family
 
 MARKER = "family.json"
 
@@ -30,13 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetunes", type=int, default=2, help="number of fine-tunes (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="BF16", choices=["BF16", "F16", "F32"])
-    ap.add_argument(
-        "--shard-size", type=int, default=2_000_000_000, help="max shard size in bytes"
-    )
+    ap.add_argument("--shard-size", type=int, default=2_000_000_000, help="max shard size in bytes")
     ap.add_argument("--quiet", action="store_true", help="no per-layer progress on stderr")
     args = ap.parse_args(argv)
 
     wanted = {
+        "synth_version": SYNTH_VERSION,
         "preset": args.preset,
         "shape": asdict(PRESETS[args.preset]),
         "finetunes": args.finetunes,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine import RunSummary, run_merge  # noqa: E402
-from .errors import InputError, RecipeError, StreamMergeError  # noqa: E402
-from .mask_store import read_mask  # noqa: E402
-from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
+from .engine import RunSummary, run_merge
+from .errors import InputError, RecipeError, StreamMergeError
+from .mask_store import read_mask
+from .recipe import Recipe, load_recipe, parse_recipe
 
 __all__ = [
     "InputError",

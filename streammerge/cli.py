@@ -58,14 +58,25 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--max-memory", callback=_size, metavar="SIZE",
-              help="Peak RSS budget, e.g. 1GiB (default: half the available RAM).")
-@click.option("--shard-size", callback=_size, metavar="SIZE", default=str(DEFAULT_SHARD_SIZE),
-              show_default="5GB", help="Maximum size of one output shard.")
+@click.option(
+    "--max-memory",
+    callback=_size,
+    metavar="SIZE",
+    help="Peak RSS budget, e.g. 1GiB (default: half the available RAM).",
+)
+@click.option(
+    "--shard-size",
+    callback=_size,
+    metavar="SIZE",
+    default=str(DEFAULT_SHARD_SIZE),
+    show_default="5GB",
+    help="Maximum size of one output shard.",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @_user_errors
-def run(recipe: Path, out_dir: Path, max_memory: int | None, shard_size: int,
-        progress: bool) -> None:  # fmt: skip
+def run(
+    recipe: Path, out_dir: Path, max_memory: int | None, shard_size: int, progress: bool
+) -> None:
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR.
 
     \b
@@ -75,14 +86,19 @@ def run(recipe: Path, out_dir: Path, max_memory: int | None, shard_size: int,
     parsed = load_recipe(recipe)
     for w in parsed.warnings:  # before the heavy work, so a typo is seen at once
         click.echo(f"warning: {w}", err=True)
-    summary = run_merge(parsed, out_dir, max_memory=max_memory, shard_size=shard_size,
-                        progress=progress)  # fmt: skip
+    summary = run_merge(
+        parsed, out_dir, max_memory=max_memory, shard_size=shard_size, progress=progress
+    )
     _print_summary(summary)
 
 
 @main.command()
-@click.argument("directory", required=False, default="streammerge-demo",
-                type=click.Path(file_okay=False, path_type=Path))
+@click.argument(
+    "directory",
+    required=False,
+    default="streammerge-demo",
+    type=click.Path(file_okay=False, path_type=Path),
+)
 @click.option("--max-memory", callback=_size, metavar="SIZE", default="1GiB", show_default=True)
 @_user_errors
 def demo(directory: Path, max_memory: int) -> None:
@@ -127,9 +143,14 @@ def _print_summary(s: RunSummary) -> None:
         f"peak RSS {format_size(s.peak_rss)} (anonymous {format_size(s.peak_anon_rss)}); "
         f"output: {s.out_dir}"
     )
-    if s.kept:
-        totals = [sum(v[k] for v in s.kept.values()) for k in range(len(next(iter(s.kept.values()))))]
-        click.echo("kept elements per model: " + ", ".join(f"{t:,}" for t in totals))
+    if s.kept and s.merged_elems:
+        kept = [sum(v[k] for v in s.kept.values()) for k in range(len(s.models))]
+        click.echo(
+            "kept (density): "
+            + ", ".join(
+                f"{name} {n / s.merged_elems:.4f}" for name, n in zip(s.models, kept, strict=True)
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,19 @@ from .safetensors_io import FLOAT_DTYPES, ShardWriter, atomic_write_text, tensor
 DEFAULT_SHARD_SIZE = 5_000_000_000
 COMPLETE_MARKER = "streammerge.json"
 """Written last: its presence means the output folder is complete."""
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-                "added_tokens.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @dataclass
@@ -49,8 +59,12 @@ class RunSummary:
     """Peak anonymous RSS (sampled every 50 ms), bytes."""
     chunk_elems: int
     warnings: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    """Model names in processing order."""
     kept: dict[str, list[int]] = field(default_factory=dict)
     """Kept element counts per tensor, per model (sparsifying methods only)."""
+    merged_elems: int = 0
+    """Elements of the merged (floating-point) tensors, per model."""
 
 
 def run_merge(
@@ -102,7 +116,9 @@ def run_merge(
             peak_anon_rss=sampler.peak_anon,
             chunk_elems=plan.budget.chunk_elems if chunk_elems is None else chunk_elems,
             warnings=recipe.warnings,
+            models=tuple(m.name for m in recipe.models),
             kept=kept,
+            merged_elems=sum(t.numel for t in plan.tensors if t.merged),
         )
         atomic_write_text(out_dir / COMPLETE_MARKER, json.dumps(_marker(recipe, summary), indent=2))
         return summary
@@ -121,8 +137,16 @@ def _execute(
     progress: bool,
 ) -> dict[str, list[int]]:
     method = METHODS[plan.recipe.method]
-    bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, unit_divisor=1024,
-               disable=not progress, file=sys.stderr, desc="merging", dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=plan.bytes_read,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not progress,
+        file=sys.stderr,
+        desc="merging",
+        dynamic_ncols=True,
+    )
     kept: dict[str, list[int]] = {}
     writer: ShardWriter | None = None
     try:
@@ -201,12 +225,19 @@ def _store_attrs(recipe: Recipe) -> dict[str, object]:
         "streammerge_version": __version__,
         "method": recipe.method,
         "recipe": json.loads(json.dumps(recipe.source, default=str)),
-        "options": {"tail_policy": recipe.options.tail_policy,
-                    "overlap_policy": recipe.options.overlap_policy},  # fmt: skip
+        "options": {
+            "tail_policy": recipe.options.tail_policy,
+            "overlap_policy": recipe.options.overlap_policy,
+        },
         "base": str(recipe.base),
         "models": [
-            {"name": m.name, "path": str(m.path), "weight": m.params.weight,
-             "n": m.params.n, "m": m.params.m}  # fmt: skip
+            {
+                "name": m.name,
+                "path": str(m.path),
+                "weight": m.params.weight,
+                "n": m.params.n,
+                "m": m.params.m,
+            }
             for m in recipe.models
         ],
         "order": [m.name for m in recipe.models],
@@ -240,4 +271,3 @@ def _copy_model_files(recipe: Recipe, out_dir: Path) -> None:
             atomic_write_text(out_dir / name, json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copyfile(src, out_dir / name)
-

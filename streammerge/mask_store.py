@@ -113,7 +113,9 @@ class ZarrMaskStore:
         try:
             arr = self._array(model, tensor)
         except KeyError as e:
-            raise StreamMergeError(f"{self.path}: no mask for model {model}, tensor {tensor!r}") from e
+            raise StreamMergeError(
+                f"{self.path}: no mask for model {model}, tensor {tensor!r}"
+            ) from e
         return _unpack(np.asarray(arr[:]), arr.attrs["shape"])  # type: ignore[arg-type]
 
     def kept(self, model: int, tensor: str) -> int | None:
@@ -148,6 +150,8 @@ class MemoryMaskStore:
         self.kept_counts[(model, tensor)] = kept
 
     def read(self, model: int, tensor: str) -> torch.Tensor:
+        if (model, tensor) not in self._masks:
+            raise StreamMergeError(f"no mask for model {model}, tensor {tensor!r}")
         packed, shape = self._masks[(model, tensor)]
         return _unpack(packed, shape)
 
@@ -175,8 +179,11 @@ def model_index(attrs: Mapping[str, Any], model: int | str) -> int:
         if not 0 <= model < len(models):
             raise StreamMergeError(f"model index {model} out of range (0..{len(models) - 1})")
         return model
-    for i, m in enumerate(models):
-        if model in (m["name"], m["path"], Path(m["path"]).name):
-            return i
+    hits = [
+        i for i, m in enumerate(models) if model in (m["name"], m["path"], Path(m["path"]).name)
+    ]
     names = ", ".join(m["name"] for m in models)
-    raise StreamMergeError(f"no model {model!r} in this merge (models: {names})")
+    if len(hits) != 1:
+        problem = "matches several models" if hits else "is not a model of this merge"
+        raise StreamMergeError(f"{model!r} {problem} (models: {names})")
+    return hits[0]

@@ -38,7 +38,7 @@ class ModelFolder:
             if pickles:
                 raise InputError(
                     f"{path}: only pickle checkpoints found ({pickles[0]}); streammerge reads "
-                    "safetensors only (pickle files can run arbitrary code). Convert the model first."
+                    "safetensors only (pickle files can run arbitrary code); convert it first"
                 )
             raise InputError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in the folder")
         self.files: dict[str, SafetensorsFile] = {}
@@ -93,7 +93,9 @@ def check_compatible(base: ModelFolder, others: Sequence[ModelFolder]) -> None:
     for m in others:
         missing = sorted(set(base.where) - set(m.where))
         extra = sorted(set(m.where) - set(base.where))
-        problems += [f"{m.path}: tensor {n!r} is missing (present in base {base.path})" for n in missing]
+        problems += [
+            f"{m.path}: tensor {n!r} is missing (present in base {base.path})" for n in missing
+        ]
         problems += [f"{m.path}: tensor {n!r} is not in base {base.path}" for n in extra]
         for n in sorted(set(base.where) & set(m.where)):
             b, t = base.info(n), m.info(n)
@@ -104,5 +106,7 @@ def check_compatible(base: ModelFolder, others: Sequence[ModelFolder]) -> None:
             elif b.is_float != t.is_float or (not b.is_float and b.dtype != t.dtype):
                 problems.append(f"{m.path}: tensor {n!r} has dtype {t.dtype}, base has {b.dtype}")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        shown = problems[:20] + (
+            [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        )
         raise InputError(f"models do not match ({len(problems)} problems): " + "; ".join(shown))

@@ -89,9 +89,7 @@ def build_plan(
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
     tasks = tuple(TensorTask(*t, shard=shard_of[t[0]]) for t in tasks_wo_shard)
     k = len(models) + 1
-    bytes_read = sum(
-        base.info(t.name).nbytes * (k if t.merged else 1) for t in tasks
-    )
+    bytes_read = sum(base.info(t.name).nbytes * (k if t.merged else 1) for t in tasks)
     bytes_written = sum(t.end - t.begin for s in shards for t in s.tensors)
     return MergePlan(recipe, tasks, shards, budget, bytes_read, bytes_written)
 
@@ -107,4 +105,3 @@ def check_out_dir(out_dir: Path, inputs: list[Path]) -> None:
         raise StreamMergeError(f"output path {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise StreamMergeError(f"output folder {out_dir} is not empty; choose a new folder")
-

@@ -32,20 +32,36 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64",
-                  "half": "float16", "float": "float32", "double": "float64"}  # fmt: skip
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp64": "float64",
+    "half": "float16",
+    "float": "float32",
+    "double": "float64",
+}
 
-TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-             "pruning_order"}  # fmt: skip
+TOP_LEVEL = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "pruning_order",
+}
 IGNORED_MERGEKIT = {"tokenizer_source", "tokenizer", "chat_template", "name"}
 UNSUPPORTED_MERGEKIT = {"slices", "modules"}
 
 # Parameters each method understands: (per-model, global-only).
 METHOD_PARAMS: dict[str, tuple[set[str], set[str]]] = {
     "task_arithmetic": ({"weight"}, set()),
-    "cabs": ({"weight", "n_val", "m_val"},
-             {"default_n_val", "default_m_val", "tail_policy", "overlap_policy"}),
-}  # fmt: skip
+    "cabs": (
+        {"weight", "n_val", "m_val"},
+        {"default_n_val", "default_m_val", "tail_policy", "overlap_policy"},
+    ),
+}
 WEIGHT_REQUIRED = {"task_arithmetic"}  # as in mergekit; CABS defaults to 1.0 (author's PR)
 
 
@@ -109,7 +125,9 @@ def parse_recipe(doc: Mapping[str, Any], recipe_dir: Path = Path(".")) -> Recipe
         warnings.append(f"unknown recipe keys ignored: {', '.join(unknown)}")
     ignored = sorted(set(doc) & IGNORED_MERGEKIT)
     if ignored:
-        warnings.append(f"keys ignored (tokenizer and config come from the base): {', '.join(ignored)}")
+        warnings.append(
+            f"keys ignored (tokenizer and config come from the base): {', '.join(ignored)}"
+        )
 
     method = doc.get("merge_method")
     if method not in METHODS:
@@ -148,9 +166,12 @@ def parse_recipe(doc: Mapping[str, Any], recipe_dir: Path = Path(".")) -> Recipe
             continue  # mergekit habit: the base listed among the models is the base, not a task
         unknown = sorted(set(mparams) - per_model_keys)
         if unknown:
-            warnings.append(f"{where} ({ref}): parameters not used by {method}, ignored: "
-                            f"{', '.join(unknown)}")
-        entries.append(ModelEntry(ref, path, _model_params(method, mparams, gparams, f"{where} ({ref})")))
+            warnings.append(
+                f"{where} ({ref}): parameters not used by {method}, ignored: {', '.join(unknown)}"
+            )
+        entries.append(
+            ModelEntry(ref, path, _model_params(method, mparams, gparams, f"{where} ({ref})"))
+        )
     if any(entries[i].path == entries[j].path for i in range(len(entries)) for j in range(i)):
         raise RecipeError("a model is listed twice under 'models'")
 
@@ -175,9 +196,6 @@ def _model_ref(value: Any, where: str) -> str:
         value = value["path"]
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{where} must be a path to a model folder, got {value!r}")
-    if "+" in value or "@" in value:
-        raise RecipeError(f"{where}: {value!r}: LoRA ('+') and revision ('@') references are not "
-                          "supported; give a local folder")
     return value
 
 
@@ -188,7 +206,10 @@ def _resolve(ref: str, recipe_dir: Path, where: str) -> Path:
         if c.is_dir():
             return c.resolve()
     looked = " or ".join(str(c) for c in candidates)
-    raise RecipeError(f"{where}: model folder {ref!r} not found (looked in {looked})")
+    hint = ""
+    if "+" in ref or "@" in ref:
+        hint = "; LoRA ('+') and revision ('@') references are not supported, give a local folder"
+    raise RecipeError(f"{where}: model folder {ref!r} not found (looked in {looked}){hint}")
 
 
 def _number(value: Any, name: str, where: str) -> float:
@@ -197,7 +218,9 @@ def _number(value: Any, name: str, where: str) -> float:
     if isinstance(value, int | float) and math.isfinite(value):
         return float(value)
     if isinstance(value, list | dict):
-        raise RecipeError(f"{where}: '{name}': lists and filters are not supported yet; use a number")
+        raise RecipeError(
+            f"{where}: '{name}': lists and filters are not supported yet; use a number"
+        )
     raise RecipeError(f"{where}: '{name}' must be a number, got {value!r}")
 
 
@@ -208,7 +231,9 @@ def _integer(value: Any, name: str, where: str) -> int:
     return int(x)
 
 
-def _model_params(method: str, mp: Mapping[str, Any], gp: Mapping[str, Any], where: str) -> ModelParams:
+def _model_params(
+    method: str, mp: Mapping[str, Any], gp: Mapping[str, Any], where: str
+) -> ModelParams:
     def get(key: str, *fallbacks: str) -> Any:
         # precedence as in mergekit: the model's own parameters, then the global ones
         if key in mp:
@@ -241,7 +266,9 @@ def _method_options(gp: Mapping[str, Any]) -> MethodOptions:
     tail = gp.get("tail_policy", "keep_topn_padded")
     overlap = gp.get("overlap_policy", "strict")
     if tail not in TAIL_POLICIES:
-        raise RecipeError(f"parameters.tail_policy must be one of {list(TAIL_POLICIES)}, got {tail!r}")
+        raise RecipeError(
+            f"parameters.tail_policy must be one of {list(TAIL_POLICIES)}, got {tail!r}"
+        )
     if overlap not in OVERLAP_POLICIES:
         raise RecipeError(
             f"parameters.overlap_policy must be one of {list(OVERLAP_POLICIES)}, got {overlap!r}"
@@ -252,16 +279,19 @@ def _method_options(gp: Mapping[str, Any]) -> MethodOptions:
 def _apply_order(entries: list[ModelEntry], order: Any, base_refs: set[str]) -> list[ModelEntry]:
     if not isinstance(order, list) or not all(isinstance(x, str) for x in order):
         raise RecipeError("pruning_order must be a list of model references")
-    by_key: dict[str, ModelEntry] = {}
+    by_key: dict[str, list[ModelEntry]] = {}
     for e in entries:
-        by_key[e.name] = by_key[str(e.path)] = by_key[e.path.name] = e
+        for key in {e.name, str(e.path), e.path.name}:
+            by_key.setdefault(key, []).append(e)
     picked: list[ModelEntry] = []
     for ref in order:
         if ref in base_refs and ref not in by_key:
             continue  # the base has no task vector to prune
-        e = by_key.get(ref)
-        if e is None:
-            raise RecipeError(f"pruning_order: {ref!r} is not one of the models")
+        found = by_key.get(ref, [])
+        if len(found) != 1:
+            problem = "is ambiguous (several models match)" if found else "is not one of the models"
+            raise RecipeError(f"pruning_order: {ref!r} {problem}")
+        e = found[0]
         if e in picked:
             raise RecipeError(f"pruning_order: {ref!r} is listed twice")
         picked.append(e)

@@ -17,15 +17,19 @@ from .model import ModelFolder
 from .recipe import Recipe
 
 
-def reference_merge(recipe: Recipe) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor] | None]]:
+def reference_merge(
+    recipe: Recipe,
+) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor] | None]]:
     """Yield ``(name, merged tensor in its output dtype, masks or None)`` for every tensor."""
     method = METHODS[recipe.method]
     folders = [ModelFolder(recipe.base), *(ModelFolder(m.path) for m in recipe.models)]
     params = [m.params for m in recipe.models]
     with ExitStack() as stack:
         handles = [
-            {f.path.name: stack.enter_context(safe_open(f.path, framework="pt"))
-             for f in folder.files.values()}  # fmt: skip
+            {
+                f.path.name: stack.enter_context(safe_open(f.path, framework="pt"))
+                for f in folder.files.values()
+            }
             for folder in folders
         ]
 

@@ -17,6 +17,7 @@ the data buffer with no holes, tensors ordered by dtype alignment (descending) t
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -39,6 +40,11 @@ ITEMSIZE: dict[str, int] = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 """Bytes per element for every dtype string we accept."""
+
+# safetensors' Dtype enum order; the official writer lays tensors out by dtype in *descending*
+# enum order (largest alignment first, ties between equal sizes broken by this order), then name.
+DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
+               "F32", "F64", "I64", "U64")  # fmt: skip
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -117,15 +123,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map str to str)")
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            b, e = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError) as err:
             raise InputError(f"{path}: tensor {name!r}: malformed header entry") from err
+        if not (_int_list(shape) and _int_list(offsets) and len(offsets) == 2):
+            raise InputError(
+                f"{path}: tensor {name!r}: shape and data_offsets must be integer lists"
+            )
+        shape, (b, e) = tuple(shape), offsets
         if dtype not in ITEMSIZE:
             raise InputError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
         info = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
@@ -143,10 +154,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             )
         tensors[name] = info
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.nbytes)
-    for (_, e0, a), (b1, _, b) in zip(spans, spans[1:], strict=False):
+    for (_, e0, a), (b1, _, b) in itertools.pairwise(spans):
         if b1 < e0:
             raise InputError(f"{path}: tensors {a!r} and {b!r} overlap in the data buffer")
-    return tensors, {str(k): str(v) for k, v in meta.items()}
+    return tensors, meta
+
+
+def _int_list(x: object) -> bool:
+    return isinstance(x, list) and all(type(v) is int for v in x)
 
 
 class SafetensorsFile:
@@ -267,18 +282,18 @@ def _header_bytes(specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[by
     return struct.pack("<Q", len(js)) + js, offsets
 
 
-def shard_layout(
-    specs: Iterable[tuple[str, str, tuple[int, ...]]], filename: str
-) -> ShardPlan:
-    """Lay out one shard like the official writer: dtype alignment descending, then name."""
-    ordered = sorted(specs, key=lambda s: (-ITEMSIZE[s[1]], s[0]))
+def shard_layout(specs: Iterable[tuple[str, str, tuple[int, ...]]], filename: str) -> ShardPlan:
+    """Lay out one shard like the official writer: dtype order descending, then name."""
+    ordered = sorted(specs, key=lambda s: (-DTYPE_ORDER.index(s[1]), s[0]))
     header, offsets = _header_bytes(ordered)
     tensors = []
     for (name, dtype, shape), off in zip(ordered, offsets, strict=True):
         n = ITEMSIZE[dtype]
         for d in shape:
             n *= d
-        tensors.append(OutTensor(name, dtype, tuple(shape), len(header) + off, len(header) + off + n))
+        tensors.append(
+            OutTensor(name, dtype, tuple(shape), len(header) + off, len(header) + off + n)
+        )
     return ShardPlan(filename, header, tuple(tensors))
 
 
@@ -313,7 +328,10 @@ def write_index(out_dir: Path, shards: Sequence[ShardPlan], extra: dict[str, str
     """Write ``model.safetensors.index.json`` atomically (temp file + rename)."""
     weight_map = {t.name: s.filename for s in shards for t in s.tensors}
     total = sum(t.end - t.begin for s in shards for t in s.tensors)
-    doc = {"metadata": {"total_size": total, **extra}, "weight_map": dict(sorted(weight_map.items()))}
+    doc = {
+        "metadata": {"total_size": total, **extra},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(doc, indent=2) + "\n")
 
 
@@ -365,6 +383,8 @@ class ShardWriter:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    if t.numel() == 0:
+        return memoryview(b"")
     t = t.contiguous()
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.int16)

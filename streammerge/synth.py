@@ -45,6 +45,9 @@ from .safetensors_io import (
     write_index,
 )
 
+SYNTH_VERSION = 1
+"""Bumped whenever generated values change, so cached families can be told apart."""
+
 CHUNK_ELEMS = 1 << 22
 """Target elements per generated row chunk (4 Mi elements = 16 MiB of float32).
 
@@ -56,9 +59,9 @@ BASE_STD = 0.02
 DELTA_STD = 1e-3
 """Nominal standard deviation of the Gaussian part of a fine-tune delta, before scaling."""
 
-NORM_DELTA_FACTOR = 8.0
+NORM_DELTA_FACTOR = 16.0
 """Norm-weight deltas are this much larger, so they survive rounding to bf16 next to 1.0
-(bf16 spacing just below 1.0 is 2**-8 ~ 0.004)."""
+(bf16 spacing is 2**-8 ~ 0.004 just below 1.0 and 2**-7 above)."""
 
 SPIKE_RATE = 1e-3
 """Fraction of elements that receive a heavy-tailed spike."""
@@ -72,7 +75,7 @@ SPIKE_CLIP = 20.0
 LOW_RANK = 4
 """Rank of the structured part of 2-D deltas."""
 
-_HASH_DOMAIN = "streammerge.synth/v1"
+_HASH_DOMAIN = f"streammerge.synth/v{SYNTH_VERSION}"
 
 _Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -125,6 +128,7 @@ class LlamaShape:
         return specs
 
     def num_params(self) -> int:
+        """Total parameter count (elements over all tensors)."""
         total = 0
         for _, _, shape in self.tensor_specs():
             n = 1
@@ -188,18 +192,14 @@ def delta_std(shape: LlamaShape, name: str, model: int, seed: int) -> float:
     """
     model_factor = 2.0 ** (_unit(seed, model, "model-scale") - 0.5)
     layer = _layer_of(name)
-    if layer is None:
-        depth = 0.5  # embeddings, final norm and head move less than the blocks
-    else:
-        depth = 0.6 + 0.8 * layer / max(1, shape.layers - 1)
+    # Embeddings, final norm and head move less than the blocks; deeper blocks move more.
+    depth = 0.5 if layer is None else 0.6 + 0.8 * layer / max(1, shape.layers - 1)
     jitter = 2.0 ** (_unit(seed, model, "layer-scale", layer) - 0.5)
     kind = NORM_DELTA_FACTOR if name.endswith("norm.weight") else 1.0
     return DELTA_STD * model_factor * depth * jitter * kind
 
 
-def _low_rank_factors(
-    name: str, rows: int, cols: int, model: int, seed: int
-) -> _Factors:
+def _low_rank_factors(name: str, rows: int, cols: int, model: int, seed: int) -> _Factors:
     """Rank-4 factors ``U (rows, 4)`` and ``V (4, cols)``, entries ~N(0, 1) in steps of 1/8.
 
     The quantization makes every product and 4-term sum exact in float32 (|entries| < 2**7,
@@ -366,7 +366,9 @@ def generate_family(
         atomic_write_text(d / "generation_config.json", gen_text + "\n")
         writers.append([ShardWriter(d, s) for s in plan])
 
-    def job(name: str, shape: tuple[int, ...], r0: int, r1: int, factors: list[_Factors | None]) -> None:
+    def job(
+        name: str, shape: tuple[int, ...], r0: int, r1: int, factors: list[_Factors | None]
+    ) -> None:
         # Runs in a worker thread; torch kernels release the GIL, so workers overlap.
         cols = shape[1] if len(shape) == 2 else 1
         start = r0 * cols

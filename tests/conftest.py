@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import save_file
 
 SHAPES: dict[str, tuple[int, ...]] = {
-    "embed.weight": (37, 24),   # 888 elements: not a multiple of 64
+    "embed.weight": (37, 24),  # 888 elements: not a multiple of 64
     "layer.0.attn.weight": (24, 24),
     "layer.0.mlp.weight": (50, 24),
     "layer.0.norm.weight": (24,),
-    "odd.weight": (7, 13),      # 91 elements: partial n:m blocks
+    "odd.weight": (7, 13),  # 91 elements: partial n:m blocks
     "scalar": (),
-    "position_ids": (1, 10),    # int64: copied from the base
-}  # fmt: skip
+    "position_ids": (1, 10),  # int64: copied from the base
+}
 
 
 def write_model(
@@ -74,8 +74,10 @@ def make_family(
             q = torch.randint(-levels, levels + 1, shape, generator=g).float() / (levels * 64)
             ft[name] = (b.float() + q).to(dtype)
     base = write_model(root / "base", base_t, shards[0])
-    fts = [write_model(root / f"ft{i + 1}", t, shards[(i + 1) % len(shards)])
-           for i, t in enumerate(fts_t)]  # fmt: skip
+    fts = [
+        write_model(root / f"ft{i + 1}", t, shards[(i + 1) % len(shards)])
+        for i, t in enumerate(fts_t)
+    ]
     return base, fts
 
 

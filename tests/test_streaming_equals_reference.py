@@ -85,9 +85,12 @@ def test_cabs_two_models(tmp_path, family, chunk, n, m):
 def test_cabs_k_models_policies(tmp_path, chunk, k, overlap, tail):
     base, fts = make_family(tmp_path / "models", k=k, seed=k, shards=(2, 1, 3))
     # per-model n:m, including models whose blocks are not the same length
-    per_model = [{"n_val": n, "m_val": m} for n, m in [(2, 8), (1, 4), (3, 6), (2, 4), (5, 8), (4, 4)]]
-    recipe = recipe_for(base, fts, per_model=per_model[:k], overlap_policy=overlap,
-                        tail_policy=tail)  # fmt: skip
+    per_model = [
+        {"n_val": n, "m_val": m} for n, m in [(2, 8), (1, 4), (3, 6), (2, 4), (5, 8), (4, 4)]
+    ]
+    recipe = recipe_for(
+        base, fts, per_model=per_model[:k], overlap_policy=overlap, tail_policy=tail
+    )
     check_against_reference(recipe, tmp_path / "out", chunk)
 
 
@@ -98,8 +101,9 @@ def test_task_arithmetic_dtypes(tmp_path, chunk, dtype):
     check_against_reference(recipe_for(base, fts, "task_arithmetic"), tmp_path / "out", chunk)
 
 
-@pytest.mark.parametrize(("compute", "out_dtype"), [("bfloat16", None), ("float64", "float16"),
-                                                    ("float32", "float32")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("compute", "out_dtype"), [("bfloat16", None), ("float64", "float16"), ("float32", "float32")]
+)
 def test_compute_and_out_dtypes(tmp_path, compute, out_dtype):
     base, fts = make_family(tmp_path / "models", k=2)
     params = {"n_val": 3, "m_val": 8, "dtype": compute}
@@ -124,5 +128,7 @@ def test_zarr_masks_match_and_never_overlap_under_strict(tmp_path):
         total = stored[0].int() + stored[1].int() + stored[2].int()
         assert int(total.max()) <= 1, name
     # models are addressable by the name written in the recipe and by folder name
-    assert torch.equal(read_mask(out, str(fts[1]), "embed.weight"), read_mask(out, 1, "embed.weight"))
+    assert torch.equal(
+        read_mask(out, str(fts[1]), "embed.weight"), read_mask(out, 1, "embed.weight")
+    )
     assert torch.equal(read_mask(out, "ft3", "embed.weight"), read_mask(out, 2, "embed.weight"))

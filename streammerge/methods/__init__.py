@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import Method, MethodOptions, MergeResult, ModelParams
+from .base import MergeResult, Method, MethodOptions, ModelParams
 from .cabs import Cabs
 from .task_arithmetic import TaskArithmetic
 
 METHODS: dict[str, Method] = {m.name: m for m in (TaskArithmetic(), Cabs())}
 
-__all__ = ["METHODS", "Method", "MergeResult", "MethodOptions", "ModelParams"]
+__all__ = ["METHODS", "MergeResult", "Method", "MethodOptions", "ModelParams"]

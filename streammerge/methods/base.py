@@ -48,7 +48,9 @@ class MethodOptions:
 
     def __post_init__(self) -> None:
         if self.tail_policy not in TAIL_POLICIES:
-            raise ValueError(f"tail_policy must be one of {TAIL_POLICIES}, got {self.tail_policy!r}")
+            raise ValueError(
+                f"tail_policy must be one of {TAIL_POLICIES}, got {self.tail_policy!r}"
+            )
         if self.overlap_policy not in OVERLAP_POLICIES:
             raise ValueError(
                 f"overlap_policy must be one of {OVERLAP_POLICIES}, got {self.overlap_policy!r}"

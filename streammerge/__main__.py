@@ -1,0 +1,5 @@
+"""``python -m streammerge`` runs the CLI."""
+
+from .cli import main
+
+main()

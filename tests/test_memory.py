@@ -1,0 +1,67 @@
+"""Peak RSS stays inside --max-memory even when single tensors are larger than the budget.
+
+The family's inputs (3 x 243 MB) do not fit the 600 MiB budget, and its embedding and lm_head
+hold 49 M elements each: merging either as a whole tensor in fp32 (base, accumulator, task
+vector and selection keys: 16 bytes per element) would alone exceed the budget, so only a
+chunked, page-releasing engine passes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streammerge.synth import LlamaShape, generate_family
+
+BUDGET_MIB = 600
+SHAPE = LlamaShape(hidden=1024, intermediate=2816, layers=2, heads=8, kv_heads=4, vocab=48000)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    return generate_family(tmp_path_factory.mktemp("mem"), SHAPE, n_finetunes=2, seed=3)
+
+
+def peak_rss_mib_of_run(args: list[str]) -> tuple[int, float, str]:
+    """Run the CLI in a child process; return (exit code, its peak RSS in MiB, stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streammerge", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read() if proc.stderr else ""
+    return proc.returncode, usage.ru_maxrss / 1024, err  # Linux: ru_maxrss in KiB
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "cabs"])
+def test_peak_rss_below_budget(tmp_path, family, method):
+    base, fts = family
+    extra = "parameters: {n_val: 16, m_val: 64}\n" if method == "cabs" else ""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: {method}\nbase_model: {base}\nmodels:\n"
+        + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5}}\n" for f in fts)
+        + extra
+    )
+    inputs = sum(p.stat().st_size for d in (base, *fts) for p in d.glob("*.safetensors"))
+    assert inputs > BUDGET_MIB * 2**20
+    assert SHAPE.vocab * SHAPE.hidden * 16 > BUDGET_MIB * 2**20
+    rc, peak, err = peak_rss_mib_of_run(
+        [
+            "run",
+            str(recipe),
+            str(tmp_path / "out"),
+            "--max-memory",
+            f"{BUDGET_MIB}MiB",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0, err
+    assert peak < BUDGET_MIB, f"peak RSS {peak:.0f} MiB over the {BUDGET_MIB} MiB budget"

@@ -11,20 +11,23 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from . import __version__
+from .errors import StreamMergeError
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore
 from .memory import RssSampler, default_max_memory, peak_rss
-from .methods import METHODS, Method
+from .methods import METHODS, Method, TensorId
 from .model import ModelFolder
 from .plan import MergePlan, TensorTask, build_plan, check_out_dir
 from .recipe import Recipe, load_recipe
 from .safetensors_io import FLOAT_DTYPES, ShardWriter, atomic_write_text, tensor_bytes, write_index
+from .tadrop import TadropConfig, allocate, chunk_sample_slice, kurtosis
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 COMPLETE_MARKER = "streammerge.json"
@@ -96,12 +99,15 @@ def run_merge(
     base = ModelFolder(recipe.base)
     models = [ModelFolder(m.path) for m in recipe.models]
     try:
-        plan = build_plan(
-            recipe, base, models, max_memory or default_max_memory(), shard_size, chunk_elems
-        )
+        budget = max_memory or default_max_memory()
+        plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
+        tadrop: dict[str, object] = {}
+        if recipe.tadrop:  # a sampling pass decides every tensor's density, then re-plan
+            densities, tadrop = tadrop_densities(plan, base, models)
+            plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, densities)
         out_dir.mkdir(parents=True, exist_ok=True)
         store = mask_store or ZarrMaskStore(out_dir / STORE_NAME, mode="w")
-        store.set_attrs(_store_attrs(recipe))
+        store.set_attrs(_store_attrs(plan, tadrop))
         with RssSampler() as sampler:
             kept = _execute(plan, base, models, out_dir, store, progress)
         _copy_model_files(recipe, out_dir)
@@ -184,28 +190,45 @@ def _merge_tensor(
     recipe = plan.recipe
     out_dtype = FLOAT_DTYPES[task.out_dtype]
     sources = [base, *models]
+    chunks = task.chunks()
+    item_bytes = sum(src.info(task.name).itemsize for src in sources)
+
+    def walk() -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """Zero-copy views of every model's chunk; pages are released once consumed."""
+        for i, (s, e) in enumerate(chunks):
+            if i + 1 < len(chunks):
+                for src in sources:  # let the kernel read the next chunk while we compute
+                    src.where[task.name].prefetch(task.name, *chunks[i + 1])
+            yield s, [src.read(task.name, s, e) for src in sources]
+            for src in sources:
+                src.where[task.name].release(task.name, s, e)
+            advance(item_bytes * (e - s))
+
+    state = method.new_state(
+        TensorId(task.name, task.numel), task.params, task.options, recipe.dtype
+    )
+    for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
+        for s, views in walk():
+            method.accumulate(state, p, s, views[0], views[1:])
+        method.end_pass(state, p)
+
     if method.sparsifies:
         for k in range(len(models)):
             store.create(k, task.name, task.shape, task.chunk_elems)
     kept = [0] * len(models) if method.sparsifies else []
-    chunks = task.chunks()
-    for i, (s, e) in enumerate(chunks):
-        if i + 1 < len(chunks):
-            for src in sources:  # let the kernel read the next chunk while we compute
-                src.where[task.name].prefetch(task.name, *chunks[i + 1])
-        views = [src.read(task.name, s, e) for src in sources]
-        result = method.merge(views[0], views[1:], task.params, recipe.options, recipe.dtype)
+    for s, views in walk():
+        result = method.merge(state, s, views[0], views[1:])
         writer.write(task.name, s, tensor_bytes(result.out.to(out_dtype)))
         if result.masks is not None:
             for k, mask in enumerate(result.masks):
                 store.write(k, task.name, s, mask)
                 kept[k] += int(mask.sum())
         del views, result
-        for src in sources:
-            src.where[task.name].release(task.name, s, e)
-        advance(sum(src.info(task.name).itemsize for src in sources) * (e - s))
     for k, n in enumerate(kept):
-        store.finish(k, task.name, n)
+        p = task.params[k]
+        store.finish(
+            k, task.name, n, {"weight": p.weight, "density": p.density, "n": p.n, "m": p.m}
+        )
     return kept
 
 
@@ -220,27 +243,24 @@ def _copy_tensor(
         advance(item * (e - s))
 
 
-def _store_attrs(recipe: Recipe) -> dict[str, object]:
+def _store_attrs(plan: MergePlan, tadrop: Mapping[str, object]) -> dict[str, object]:
+    recipe = plan.recipe
+    first = next((t for t in plan.tensors if t.merged), None)
+    models = []
+    for k, m in enumerate(recipe.models):
+        entry: dict[str, object] = {"name": m.name, "path": str(m.path)}
+        if first is not None:  # per-tensor values are on each mask array
+            p = first.params[k]
+            entry.update(weight=p.weight, density=p.density, n=p.n, m=p.m)
+        models.append(entry)
     return {
         "streammerge_version": __version__,
         "method": recipe.method,
         "recipe": json.loads(json.dumps(recipe.source, default=str)),
-        "options": {
-            "tail_policy": recipe.options.tail_policy,
-            "overlap_policy": recipe.options.overlap_policy,
-        },
         "base": str(recipe.base),
-        "models": [
-            {
-                "name": m.name,
-                "path": str(m.path),
-                "weight": m.params.weight,
-                "n": m.params.n,
-                "m": m.params.m,
-            }
-            for m in recipe.models
-        ],
+        "models": models,
         "order": [m.name for m in recipe.models],
+        "tadrop": dict(tadrop),
     }
 
 
@@ -254,6 +274,52 @@ def _marker(recipe: Recipe, s: RunSummary) -> dict[str, object]:
         "bytes_written": s.bytes_written,
         "seconds": round(s.seconds, 3),
     }
+
+
+def tadrop_densities(
+    plan: MergePlan, base: ModelFolder, models: list[ModelFolder]
+) -> tuple[dict[tuple[int, str], float], dict[str, object]]:
+    """streammerge's TADrop (see :mod:`streammerge.tadrop`): per-(model, tensor) densities.
+
+    Reads each merged tensor's deterministic strided sample of every task vector, chunk by
+    chunk (pages released as it goes), then allocates densities per model so that its
+    parameter-weighted mean density (the recipe's) is preserved.
+    """
+    recipe = plan.recipe
+    tasks = [t for t in plan.tensors if t.merged]
+    cfg_args = {
+        "alpha": recipe.settings.get("tadrop_alpha", 0.5),
+        "d_min": recipe.settings.get("tadrop_d_min"),
+        "d_max": recipe.settings.get("tadrop_d_max"),
+    }
+    kappas: list[list[float | None]] = [[] for _ in models]
+    for task in tasks:
+        samples: list[list[torch.Tensor]] = [[] for _ in models]
+        for s, e in task.chunks():
+            b = base.read(task.name, s, e).to(recipe.dtype)
+            cut = chunk_sample_slice(s, e - s, task.numel, TadropConfig(0.5).max_sample)
+            for k, m in enumerate(models):
+                samples[k].append((m.read(task.name, s, e).to(recipe.dtype) - b)[cut].double())
+                m.where[task.name].release(task.name, s, e)
+            base.where[task.name].release(task.name, s, e)
+        for k in range(len(models)):
+            kappas[k].append(kurtosis(torch.cat(samples[k])))
+    densities: dict[tuple[int, str], float] = {}
+    report: dict[str, object] = {"rule": "streammerge TADrop formulation (cabs_spec.md 10.3)",
+                                 **cfg_args, "achieved": []}  # fmt: skip
+    numels = [t.numel for t in tasks]
+    for k in range(len(models)):
+        d_bar = sum(t.numel * t.params[k].density for t in tasks) / max(1, sum(numels))
+        if d_bar <= 0:
+            continue
+        try:
+            cfg = TadropConfig(d_bar, **cfg_args)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise StreamMergeError(f"tadrop: {e}") from e
+        alloc = allocate(numels, kappas[k], cfg)
+        densities.update({(k, t.name): d for t, d in zip(tasks, alloc.densities, strict=True)})
+        report["achieved"].append(alloc.achieved)  # type: ignore[union-attr]
+    return densities, report
 
 
 def _copy_model_files(recipe: Recipe, out_dir: Path) -> None:

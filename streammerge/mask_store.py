@@ -45,8 +45,10 @@ class MaskStore(Protocol):
         """Store ``mask`` (1-D bool) at element ``start`` (a multiple of ``chunk_elems``)."""
         ...
 
-    def finish(self, model: int, tensor: str, kept: int) -> None:
-        """Record the tensor's kept count once all its chunks are written."""
+    def finish(
+        self, model: int, tensor: str, kept: int, info: Mapping[str, Any] | None = None
+    ) -> None:
+        """Record the kept count (and e.g. the density used) once all chunks are written."""
         ...
 
     def read(self, model: int, tensor: str) -> torch.Tensor:
@@ -106,8 +108,10 @@ class ZarrMaskStore:
         packed = _pack(mask)
         self._array(model, tensor)[start // 8 : start // 8 + packed.size] = packed
 
-    def finish(self, model: int, tensor: str, kept: int) -> None:
-        self._array(model, tensor).attrs["kept"] = int(kept)
+    def finish(
+        self, model: int, tensor: str, kept: int, info: Mapping[str, Any] | None = None
+    ) -> None:
+        self._array(model, tensor).attrs.update({**(info or {}), "kept": int(kept)})
 
     def read(self, model: int, tensor: str) -> torch.Tensor:
         try:
@@ -129,6 +133,7 @@ class MemoryMaskStore:
         self._attrs: dict[str, Any] = {}
         self._masks: dict[tuple[int, str], tuple[np.ndarray, list[int]]] = {}
         self.kept_counts: dict[tuple[int, str], int] = {}
+        self.info: dict[tuple[int, str], dict[str, Any]] = {}
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         self._attrs.update(attrs)
@@ -146,8 +151,11 @@ class MemoryMaskStore:
         packed = _pack(mask)
         self._masks[(model, tensor)][0][start // 8 : start // 8 + packed.size] = packed
 
-    def finish(self, model: int, tensor: str, kept: int) -> None:
+    def finish(
+        self, model: int, tensor: str, kept: int, info: Mapping[str, Any] | None = None
+    ) -> None:
         self.kept_counts[(model, tensor)] = kept
+        self.info[(model, tensor)] = dict(info or {})
 
     def read(self, model: int, tensor: str) -> torch.Tensor:
         if (model, tensor) not in self._masks:

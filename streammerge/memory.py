@@ -93,12 +93,11 @@ class Budget:
     """Elements per processing chunk (before rounding to a method's alignment)."""
 
 
-# Working set per chunk element, in bytes, for K task models with 2-byte inputs:
-# mapped inputs 2(K+1) + base, accumulator, tau and key in fp32 (16) + selection temporaries
-# (bool masks, top-k values, comparison results: ~8) + output bytes (2) + packed masks.
-# The factor 1.5 leaves room for allocator slack and the page-cache readahead we map.
-def bytes_per_element(k_models: int, compute_itemsize: int = 4) -> float:
-    return 1.5 * (2 * (k_models + 1) + 4 * compute_itemsize + 8 + 2 + k_models)
+def bytes_per_element(k_models: int, work_bytes: int) -> float:
+    """Peak bytes per chunk element: the mapped inputs (2 bytes each for bf16, K + 1 models),
+    the method's temporaries, the output bytes and packed masks, times 1.5 for allocator slack
+    and the readahead pages we map."""
+    return 1.5 * (2 * (k_models + 1) + work_bytes + 2 + k_models / 8)
 
 
 SAFETY = 64 * 2**20  # headroom for Python objects, zarr and the progress bar
@@ -107,7 +106,7 @@ MAX_CHUNK_ELEMS = 64 * 2**20  # larger chunks stop paying off and delay progress
 MIN_CHUNK_ELEMS = 2**16
 
 
-def plan_budget(max_memory: int, k_models: int, compute_itemsize: int = 4) -> Budget:
+def plan_budget(max_memory: int, per_element: float) -> Budget:
     """Derive the chunk length from ``max_memory``.
 
     The chunk length depends only on the budget and the recipe, not on this process's current
@@ -115,7 +114,7 @@ def plan_budget(max_memory: int, k_models: int, compute_itemsize: int = 4) -> Bu
     larger than we assume do we shrink chunks to stay inside the budget.
     """
     baseline = max(ASSUMED_BASELINE, current_rss()[0])
-    per = bytes_per_element(k_models, compute_itemsize)
+    per = per_element
     room = max_memory - baseline - SAFETY
     chunk = int(room / per) if room > 0 else 0
     if chunk < MIN_CHUNK_ELEMS:

@@ -1,23 +1,31 @@
 """The merge plan: a deterministic function of the inputs' headers, the recipe and the budget.
 
 Everything the scheduler will do is decided here before any tensor data is read: which
-tensors are merged or copied, each one's output dtype and chunk length, and the exact byte
-layout of every output shard.
+tensors are merged or copied, each one's parameters (mergekit's per-tensor forms resolved at
+the tensor's layer position), output dtype and chunk length, and the exact byte layout of
+every output shard. (TADrop densities, when enabled, come from a sampling pass over the
+inputs and are passed in.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .errors import StreamMergeError
-from .memory import Budget, plan_budget
-from .methods import METHODS, ModelParams
+from .errors import RecipeError, StreamMergeError
+from .memory import Budget, bytes_per_element, plan_budget
+from .methods import METHODS, MethodOptions, ModelParams
 from .model import ModelFolder, check_compatible
+from .params import layer_t, num_layers
 from .recipe import Recipe
 from .safetensors_io import TORCH_TO_ST, ShardPlan, plan_shards
+from .tadrop import nm_from_density
+
+Densities = Mapping[tuple[int, str], float]
+"""TADrop's per-(model index, tensor name) densities."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +38,10 @@ class TensorTask:
     out_dtype: str
     """safetensors dtype string of the output."""
     merged: bool
-    """False: copied byte for byte from the base (non-float tensors)."""
+    """False: copied byte for byte from the base (non-float or excluded tensors)."""
     params: tuple[ModelParams, ...]
     """Per-model parameters in processing order (empty when copied)."""
+    options: MethodOptions
     chunk_elems: int
     """Elements per chunk; a multiple of the method's alignment (for merged tensors)."""
     shard: int
@@ -52,7 +61,32 @@ class MergePlan:
     shards: tuple[ShardPlan, ...]
     budget: Budget
     bytes_read: int
+    """Input bytes read by all passes (statistics passes re-read their tensors)."""
     bytes_written: int
+
+
+def tensor_params(
+    recipe: Recipe, name: str, t: float, densities: Densities | None = None
+) -> tuple[tuple[ModelParams, ...], MethodOptions]:
+    """Every model's parameters and the method options for tensor ``name`` at position ``t``."""
+    params = []
+    for k in range(len(recipe.models)):
+        p = recipe.model_params(k, name, t)
+        if densities is not None and (k, name) in densities:
+            d = densities[(k, name)]
+            if recipe.method == "cabs":
+                n = nm_from_density(d, p.m)
+                p = ModelParams(p.weight, n, p.m, density=n / p.m)
+            else:
+                p = ModelParams(p.weight, density=d)
+        params.append(p)
+    return tuple(params), recipe.options(name, t)
+
+
+def layer_positions(names: list[str]) -> dict[str, float]:
+    """mergekit's gradient position t of every tensor (0 for non-layer tensors)."""
+    n = num_layers(names)
+    return {name: layer_t(name, n) for name in names}
 
 
 def build_plan(
@@ -62,6 +96,7 @@ def build_plan(
     max_memory: int,
     shard_size: int,
     chunk_elems: int | None = None,
+    densities: Densities | None = None,
 ) -> MergePlan:
     """Validate the inputs together and lay out the whole merge.
 
@@ -70,26 +105,42 @@ def build_plan(
     """
     check_compatible(base, models)
     method = METHODS[recipe.method]
-    compute_size = torch.empty(0, dtype=recipe.dtype).element_size()
-    budget = plan_budget(max_memory, len(models), compute_size)
-    target = chunk_elems or budget.chunk_elems
-    specs, tasks_wo_shard = [], []
-    for name in base.names():
+    itemsize = torch.empty(0, dtype=recipe.dtype).element_size()
+    k = len(models)
+    if chunk_elems is None:
+        budget = plan_budget(max_memory, bytes_per_element(k, method.work_bytes(k, itemsize)))
+    else:  # an explicit chunk length (tests) bypasses the budget
+        budget = Budget(max_memory, 0, chunk_elems)
+    target = budget.chunk_elems
+    names = base.names()
+    positions = layer_positions(names)
+    rows: list[TensorTask] = []
+    bytes_read = 0
+    for name in names:
         info = base.info(name)
-        if info.is_float:
-            params = tuple(e.params for e in recipe.models)
+        merged = info.is_float and not recipe.excluded(name)
+        params: tuple[ModelParams, ...] = ()
+        options = MethodOptions()
+        chunk, out = max(1, target), info.dtype
+        if merged:
+            try:
+                params, options = tensor_params(recipe, name, positions[name], densities)
+            except ValueError as e:  # a resolved value out of range (e.g. n > m under a filter)
+                raise RecipeError(f"tensor {name}: {e}") from e
             align = method.alignment(params)
             chunk = max(align, target // align * align)
-            out = TORCH_TO_ST[recipe.out_dtype] if recipe.out_dtype else info.dtype
+            if recipe.out_dtype is not None:
+                out = TORCH_TO_ST[recipe.out_dtype]
+            passes = 1 + method.stats_passes(params, options, recipe.dtype)
+            bytes_read += info.nbytes * (k + 1) * passes
         else:
-            params, chunk, out = (), max(1, target), info.dtype
-        specs.append((name, out, info.shape))
-        tasks_wo_shard.append((name, info.shape, info.numel, out, info.is_float, params, chunk))
-    shards = plan_shards(specs, shard_size)
+            bytes_read += info.nbytes
+        rows.append(
+            TensorTask(name, info.shape, info.numel, out, merged, params, options, chunk, -1)
+        )
+    shards = plan_shards([(r.name, r.out_dtype, r.shape) for r in rows], shard_size)
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
-    tasks = tuple(TensorTask(*t, shard=shard_of[t[0]]) for t in tasks_wo_shard)
-    k = len(models) + 1
-    bytes_read = sum(base.info(t.name).nbytes * (k if t.merged else 1) for t in tasks)
+    tasks = tuple(replace(r, shard=shard_of[r.name]) for r in rows)
     bytes_written = sum(t.end - t.begin for s in shards for t in s.tensors)
     return MergePlan(recipe, tasks, shards, budget, bytes_read, bytes_written)
 

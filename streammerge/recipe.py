@@ -3,9 +3,14 @@
 We accept what mergekit users already write (``merge_method``, ``base_model``,
 ``models: [{model: PATH, parameters: {weight: ...}}]``, global ``parameters``, ``dtype``,
 ``out_dtype``) plus CABS's keys (``n_val``/``m_val`` globally or per model, a top-level
-``pruning_order``). Unlike mergekit, unknown keys are reported (mergekit drops them silently,
-a frequent source of "my setting did nothing"), and every invalid value fails here, before
-any input is opened.
+``pruning_order``) and ``exclude`` (regexes of tensors taken from the base unmerged). Every
+numeric parameter may be a scalar, a gradient over layers or a filter list (mergekit's forms,
+see :mod:`streammerge.params`), resolved per tensor when the merge is planned.
+
+Unlike mergekit, unknown keys are reported (mergekit drops them silently, a frequent source of
+"my setting did nothing"). Invalid values fail here, before any input is opened, or, for
+per-tensor combinations (n > m under some filter), when the plan is built, still before any
+tensor data is read.
 
 Relative model paths are resolved against the current directory, as mergekit does, and
 failing that against the recipe's folder.
@@ -13,8 +18,8 @@ failing that against the recipe's folder.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ import yaml
 from .errors import RecipeError
 from .methods import METHODS
 from .methods.base import OVERLAP_POLICIES, TAIL_POLICIES, MethodOptions, ModelParams
+from .params import Gradient, ParamValue, parse_value, resolve
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -42,27 +48,40 @@ _DTYPE_ALIASES = {
     "double": "float64",
 }
 
-TOP_LEVEL = {
-    "merge_method",
-    "base_model",
-    "models",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "pruning_order",
-}
+TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+             "pruning_order", "exclude"}  # fmt: skip
 IGNORED_MERGEKIT = {"tokenizer_source", "tokenizer", "chat_template", "name"}
 UNSUPPORTED_MERGEKIT = {"slices", "modules"}
 
-# Parameters each method understands: (per-model, global-only).
-METHOD_PARAMS: dict[str, tuple[set[str], set[str]]] = {
-    "task_arithmetic": ({"weight"}, set()),
-    "cabs": (
-        {"weight", "n_val", "m_val"},
-        {"default_n_val", "default_m_val", "tail_policy", "overlap_policy"},
-    ),
+_GTA_GLOBALS = {"lambda", "normalize", "rescale", "int8_mask"}
+_TADROP = {"tadrop", "tadrop_alpha", "tadrop_d_min", "tadrop_d_max"}
+PER_MODEL: dict[str, set[str]] = {
+    "task_arithmetic": {"weight", "density"},
+    "ties": {"weight", "density"},
+    "dare_ties": {"weight", "density"},
+    "dare_linear": {"weight", "density"},
+    "magnitude": {"weight", "density"},
+    "linear": {"weight"},
+    "cabs": {"weight", "n_val", "m_val"},
 }
-WEIGHT_REQUIRED = {"task_arithmetic"}  # as in mergekit; CABS defaults to 1.0 (author's PR)
+"""Parameters set per model (a global value is the default for every model)."""
+GLOBAL_ONLY: dict[str, set[str]] = {
+    "task_arithmetic": _GTA_GLOBALS,
+    "ties": _GTA_GLOBALS | _TADROP,
+    "dare_ties": _GTA_GLOBALS | _TADROP | {"random_seed"},
+    "dare_linear": _GTA_GLOBALS | _TADROP | {"random_seed"},
+    "magnitude": _GTA_GLOBALS | _TADROP | {"conflict_aware"},
+    "linear": {"normalize"},
+    "cabs": {"default_n_val", "default_m_val", "tail_policy", "overlap_policy"} | _TADROP,
+}
+"""Method-level parameters: read from the top-level ``parameters`` only."""
+REQUIRED = {"weight": {"task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude",
+                       "linear"},
+            "density": {"dare_ties", "dare_linear", "magnitude"}}  # fmt: skip
+"""As in mergekit: these must be given (per model or globally). CABS weights default to 1.0."""
+DEFAULTS = {"weight": 1.0, "density": 1.0, "lambda": 1.0}
+STRING_PARAMS = {"tail_policy": TAIL_POLICIES, "overlap_policy": OVERLAP_POLICIES}
+ALIASES = {"n_val": "default_n_val", "m_val": "default_m_val"}  # the CABS PR's global names
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +92,8 @@ class ModelEntry:
     """The model reference as written in the recipe."""
     path: Path
     """Resolved folder."""
-    params: ModelParams
+    settings: Mapping[str, ParamValue] = field(default_factory=dict)
+    """The model's own parameters (scalars, gradients or filter lists)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +103,16 @@ class Recipe:
     method: str
     base: Path
     models: tuple[ModelEntry, ...]
-    options: MethodOptions
-    dtype: torch.dtype
+    settings: Mapping[str, ParamValue] = field(default_factory=dict)
+    """Top-level numeric ``parameters``."""
+    strings: Mapping[str, str] = field(default_factory=dict)
+    """Top-level string parameters (``tail_policy``, ``overlap_policy``)."""
+    dtype: torch.dtype = torch.float32
     """Compute dtype."""
-    out_dtype: torch.dtype | None
+    out_dtype: torch.dtype | None = None
     """Output dtype; None keeps each tensor's base dtype."""
+    exclude: tuple[str, ...] = ()
+    """Regexes (``re.search``) of tensor names copied from the base instead of merged."""
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
     """The recipe as parsed from YAML, for provenance (stored in the occupancy store)."""
     warnings: tuple[str, ...] = ()
@@ -97,6 +122,57 @@ class Recipe:
             raise RecipeError(f"unknown merge_method {self.method!r}")
         if not self.models:
             raise RecipeError("the recipe needs at least one model besides the base")
+
+    def excluded(self, tensor: str) -> bool:
+        return any(re.search(p, tensor) for p in self.exclude)
+
+    def model_params(self, k: int, tensor: str, t: float) -> ModelParams:
+        """Model k's parameters for one tensor at layer position ``t`` (mergekit's rules)."""
+        e = self.models[k]
+
+        def get(name: str) -> float | None:
+            x = resolve(name, e.settings, self.settings, tensor, t)
+            if x is None and name in ALIASES:
+                x = resolve(ALIASES[name], {}, self.settings, tensor, t)
+            if x is None and self.method in REQUIRED.get(name, ()):
+                raise RecipeError(f"missing parameter {name!r} for model {e.name}, tensor {tensor}")
+            return DEFAULTS.get(name) if x is None else x
+
+        weight, density = get("weight"), get("density")
+        assert weight is not None and density is not None
+        if self.method != "cabs":
+            return ModelParams(weight, density=density)
+        n, m = get("n_val"), get("m_val")
+        if n is None or m is None:
+            raise RecipeError(f"model {e.name}: cabs needs n_val and m_val (per model or global)")
+        if not 0 <= n <= m:
+            raise RecipeError(f"model {e.name}, tensor {tensor}: n_val {n:g} > m_val {m:g}")
+        return ModelParams(weight, int(n), int(m), density=n / m)
+
+    def options(self, tensor: str, t: float) -> MethodOptions:
+        """Method-level options for one tensor."""
+
+        def get(name: str) -> float | None:
+            return resolve(name, {}, self.settings, tensor, t, global_only=True)
+
+        def flag(name: str) -> bool | None:
+            x = get(name)
+            return None if x is None else bool(x)
+
+        return MethodOptions(
+            tail_policy=self.strings.get("tail_policy", "keep_topn_padded"),
+            overlap_policy=self.strings.get("overlap_policy", "strict"),
+            normalize=flag("normalize"),
+            rescale=flag("rescale"),
+            lambda_=1.0 if get("lambda") is None else float(get("lambda") or 0.0),
+            seed=int(get("random_seed") or 0),
+            conflict_aware=bool(flag("conflict_aware")),
+        )
+
+    @property
+    def tadrop(self) -> bool:
+        x = self.settings.get("tadrop")
+        return bool(x) if isinstance(x, float) else False
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -132,22 +208,37 @@ def parse_recipe(doc: Mapping[str, Any], recipe_dir: Path = Path(".")) -> Recipe
     method = doc.get("merge_method")
     if method not in METHODS:
         raise RecipeError(f"merge_method must be one of {sorted(METHODS)}, got {method!r}")
-    per_model_keys, global_keys = METHOD_PARAMS[method]
-    if "base_model" not in doc:
+    per_model, global_only = PER_MODEL[method], GLOBAL_ONLY[method]
+    if "base_model" not in doc and not (method == "linear" and doc.get("models")):
         raise RecipeError(f"{method} needs a base_model")
-    base_ref = _model_ref(doc["base_model"], "base_model")
+    raw_models = doc.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise RecipeError("'models' must be a non-empty list")
+    # linear has no base: the first model provides the config and the tensor layout
+    first = raw_models[0].get("model") if isinstance(raw_models[0], dict) else raw_models[0]
+    base_ref = _model_ref(doc.get("base_model", first), "base_model")
     base = _resolve(base_ref, recipe_dir, "base_model")
 
     gparams = doc.get("parameters") or {}
     if not isinstance(gparams, dict):
         raise RecipeError("'parameters' must be a mapping")
-    unknown = sorted(set(gparams) - per_model_keys - global_keys)
+    unknown = sorted(set(gparams) - per_model - global_only)
     if unknown:
         warnings.append(f"parameters not used by {method}, ignored: {', '.join(unknown)}")
+    strings = {}
+    for key, choices in STRING_PARAMS.items():
+        if key in gparams and key in global_only:
+            if gparams[key] not in choices:
+                raise RecipeError(
+                    f"parameters.{key} must be one of {list(choices)}, got {gparams[key]!r}"
+                )
+            strings[key] = gparams[key]
+    settings = {
+        k: _setting(k, v, "parameters")
+        for k, v in gparams.items()
+        if k in (per_model | global_only) - set(STRING_PARAMS)
+    }
 
-    raw_models = doc.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise RecipeError("'models' must be a non-empty list")
     entries: list[ModelEntry] = []
     for i, item in enumerate(raw_models):
         where = f"models[{i}]"
@@ -162,33 +253,89 @@ def parse_recipe(doc: Mapping[str, Any], recipe_dir: Path = Path(".")) -> Recipe
         if not isinstance(mparams, dict):
             raise RecipeError(f"{where}.parameters must be a mapping")
         path = _resolve(ref, recipe_dir, f"{where}.model")
-        if path == base:
+        if path == base and method != "linear":
             continue  # mergekit habit: the base listed among the models is the base, not a task
-        unknown = sorted(set(mparams) - per_model_keys)
+        unknown = sorted(set(mparams) - per_model)
         if unknown:
             warnings.append(
                 f"{where} ({ref}): parameters not used by {method}, ignored: {', '.join(unknown)}"
             )
-        entries.append(
-            ModelEntry(ref, path, _model_params(method, mparams, gparams, f"{where} ({ref})"))
-        )
+        own = {k: _setting(k, v, f"{where} ({ref})") for k, v in mparams.items() if k in per_model}
+        for name, methods in REQUIRED.items():
+            if method in methods and name not in own and name not in settings:
+                raise RecipeError(f"{where} ({ref}): {method} needs a '{name}'")
+        entries.append(ModelEntry(ref, path, own))
     if any(entries[i].path == entries[j].path for i in range(len(entries)) for j in range(i)):
         raise RecipeError("a model is listed twice under 'models'")
+    if method == "cabs":
+        _check_nm(entries, settings)
 
     order = doc.get("pruning_order")
     if order is not None:
         entries = _apply_order(entries, order, {base_ref, str(base), base.name})
-    options = _method_options(gparams)
+    exclude = doc.get("exclude") or []
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    for pat in exclude:
+        try:
+            re.compile(pat)
+        except (re.error, TypeError) as e:
+            raise RecipeError(f"exclude: {pat!r} is not a valid regular expression ({e})") from e
     return Recipe(
         method=method,
         base=base,
         models=tuple(entries),
-        options=options,
+        settings=settings,
+        strings=strings,
         dtype=_dtype(doc.get("dtype", "float32"), "dtype"),
         out_dtype=None if doc.get("out_dtype") is None else _dtype(doc["out_dtype"], "out_dtype"),
+        exclude=tuple(exclude),
         source=dict(doc),
         warnings=tuple(warnings),
     )
+
+
+def _setting(name: str, value: Any, where: str) -> ParamValue:
+    """Parse one numeric parameter and check every value it can take against its range."""
+    parsed = parse_value(value, name, where)
+    if name in ("n_val", "m_val", "default_n_val", "default_m_val") and _has_gradient(parsed):
+        raise RecipeError(f"{where}: '{name}' must be an integer, not a gradient")
+    for x in _values(parsed):
+        if name == "density" and not 0 <= x <= 1:
+            raise RecipeError(f"{where}: 'density' must be between 0 and 1, got {x:g}")
+        if name in ("n_val", "m_val", "default_n_val", "default_m_val") and x != int(x):
+            raise RecipeError(f"{where}: '{name}' must be an integer, got {x:g}")
+        if name in ("m_val", "default_m_val") and x < 1:
+            raise RecipeError(f"{where}: m_val must be >= 1, got {x:g}")
+        if name in ("n_val", "default_n_val") and x < 0:
+            raise RecipeError(f"{where}: n_val must be >= 0, got {x:g}")
+    return parsed
+
+
+def _values(v: ParamValue) -> list[float]:
+    """Every number a setting contains (a gradient's values lie between its knots)."""
+    if isinstance(v, float):
+        return [v]
+    if isinstance(v, Gradient):
+        return list(v.knots)
+    return [x for rule in v for x in _values(rule.value)]
+
+
+def _has_gradient(v: ParamValue) -> bool:
+    if isinstance(v, Gradient):
+        return len(v.knots) > 1
+    return not isinstance(v, float) and any(_has_gradient(r.value) for r in v)
+
+
+def _check_nm(entries: Sequence[ModelEntry], settings: Mapping[str, ParamValue]) -> None:
+    """Scalar n:m settings can be checked now; filter lists are checked per tensor in the plan."""
+    for e in entries:
+        n = e.settings.get("n_val", settings.get("n_val", settings.get("default_n_val")))
+        m = e.settings.get("m_val", settings.get("m_val", settings.get("default_m_val")))
+        if n is None or m is None:
+            raise RecipeError(f"{e.name}: cabs needs n_val and m_val (per model or globally)")
+        if isinstance(n, float) and isinstance(m, float) and n > m:
+            raise RecipeError(f"{e.name}: n_val must be between 0 and m_val ({m:g}), got {n:g}")
 
 
 def _model_ref(value: Any, where: str) -> str:
@@ -210,70 +357,6 @@ def _resolve(ref: str, recipe_dir: Path, where: str) -> Path:
     if "+" in ref or "@" in ref:
         hint = "; LoRA ('+') and revision ('@') references are not supported, give a local folder"
     raise RecipeError(f"{where}: model folder {ref!r} not found (looked in {looked}){hint}")
-
-
-def _number(value: Any, name: str, where: str) -> float:
-    if isinstance(value, bool):  # mergekit coerces booleans to floats
-        return float(value)
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, list | dict):
-        raise RecipeError(
-            f"{where}: '{name}': lists and filters are not supported yet; use a number"
-        )
-    raise RecipeError(f"{where}: '{name}' must be a number, got {value!r}")
-
-
-def _integer(value: Any, name: str, where: str) -> int:
-    x = _number(value, name, where)
-    if x != int(x):
-        raise RecipeError(f"{where}: '{name}' must be an integer, got {value!r}")
-    return int(x)
-
-
-def _model_params(
-    method: str, mp: Mapping[str, Any], gp: Mapping[str, Any], where: str
-) -> ModelParams:
-    def get(key: str, *fallbacks: str) -> Any:
-        # precedence as in mergekit: the model's own parameters, then the global ones
-        if key in mp:
-            return mp[key]
-        for k in (key, *fallbacks):
-            if k in gp:
-                return gp[k]
-        return None
-
-    w = get("weight")
-    if w is None:
-        if method in WEIGHT_REQUIRED:
-            raise RecipeError(f"{where}: {method} needs a 'weight'")
-        w = 1.0
-    weight = _number(w, "weight", where)
-    if method != "cabs":
-        return ModelParams(weight)
-    n, m = get("n_val", "default_n_val"), get("m_val", "default_m_val")
-    if n is None or m is None:
-        raise RecipeError(f"{where}: cabs needs n_val and m_val (per model or under parameters)")
-    n, m = _integer(n, "n_val", where), _integer(m, "m_val", where)
-    if m < 1:
-        raise RecipeError(f"{where}: m_val must be >= 1, got {m}")
-    if not 0 <= n <= m:
-        raise RecipeError(f"{where}: n_val must be between 0 and m_val ({m}), got {n}")
-    return ModelParams(weight, n, m)
-
-
-def _method_options(gp: Mapping[str, Any]) -> MethodOptions:
-    tail = gp.get("tail_policy", "keep_topn_padded")
-    overlap = gp.get("overlap_policy", "strict")
-    if tail not in TAIL_POLICIES:
-        raise RecipeError(
-            f"parameters.tail_policy must be one of {list(TAIL_POLICIES)}, got {tail!r}"
-        )
-    if overlap not in OVERLAP_POLICIES:
-        raise RecipeError(
-            f"parameters.overlap_policy must be one of {list(OVERLAP_POLICIES)}, got {overlap!r}"
-        )
-    return MethodOptions(tail_policy=tail, overlap_policy=overlap)
 
 
 def _apply_order(entries: list[ModelEntry], order: Any, base_refs: set[str]) -> list[ModelEntry]:

@@ -12,18 +12,21 @@ from contextlib import ExitStack
 import torch
 from safetensors import safe_open
 
-from .methods import METHODS
+from .methods import METHODS, TensorId
 from .model import ModelFolder
+from .plan import Densities, layer_positions, tensor_params
 from .recipe import Recipe
 
 
 def reference_merge(
-    recipe: Recipe,
+    recipe: Recipe, densities: Densities | None = None
 ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor] | None]]:
-    """Yield ``(name, merged tensor in its output dtype, masks or None)`` for every tensor."""
+    """Yield ``(name, merged tensor in its output dtype, masks or None)`` for every tensor.
+
+    ``densities``: TADrop's per-(model, tensor) densities, as the engine computed them.
+    """
     method = METHODS[recipe.method]
     folders = [ModelFolder(recipe.base), *(ModelFolder(m.path) for m in recipe.models)]
-    params = [m.params for m in recipe.models]
     with ExitStack() as stack:
         handles = [
             {
@@ -36,13 +39,17 @@ def reference_merge(
         def get(i: int, name: str) -> torch.Tensor:
             return handles[i][folders[i].where[name].path.name].get_tensor(name)
 
-        for name in folders[0].names():
+        names = folders[0].names()
+        positions = layer_positions(names)
+        for name in names:
             b = get(0, name)
-            if not b.is_floating_point():
+            if not b.is_floating_point() or recipe.excluded(name):
                 yield name, b, None
                 continue
+            params, options = tensor_params(recipe, name, positions[name], densities)
             fts = [get(i, name) for i in range(1, len(folders))]
-            r = method.reference(b, fts, params, recipe.options, recipe.dtype)
+            tid = TensorId(name, b.numel())
+            r = method.reference(tid, b, fts, params, options, recipe.dtype)
             out = r.out.to(recipe.out_dtype or b.dtype).reshape(b.shape)
             masks = None if r.masks is None else [m.reshape(b.shape) for m in r.masks]
             yield name, out, masks

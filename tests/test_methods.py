@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streammerge.methods import METHODS, MethodOptions, ModelParams
+from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId
+from streammerge.methods.base import run_chunked
 from streammerge.methods.nm import magnitude_key, nm_select
 
 TAU_A = [0.9, -0.1, 0.4, -0.7, 0.05, 0.3, -0.2, 0.6]
@@ -23,8 +24,15 @@ def run_cabs(path, taus, weights, nm, overlap="strict", tail="keep_topn_padded",
     base = torch.ones(len(taus[0])) if base is None else base
     fts = [base + torch.tensor(t) for t in taus]
     params = [ModelParams(w, n, m) for w, (n, m) in zip(weights, nm, strict=True)]
-    fn = getattr(CABS, path)
-    return fn(base, fts, params, MethodOptions(tail, overlap), torch.float32)
+    return call(CABS, path, base, fts, params, MethodOptions(tail, overlap))
+
+
+def call(method, path, base, fts, params, options, dtype=torch.float32, chunk=None):
+    """The fast chunked path or the in-memory reference of ``method`` on a 1-D tensor."""
+    tid = TensorId("t", base.numel())
+    if path == "reference":
+        return method.reference(tid, base, fts, params, options, dtype)
+    return run_chunked(method, tid, base, fts, params, options, dtype, chunk)
 
 
 def close(t: torch.Tensor, expected: list[float]) -> bool:
@@ -136,7 +144,7 @@ def test_task_arithmetic(path):
     base = torch.ones(8)
     fts = [base + torch.tensor(TAU_A), base + torch.tensor(TAU_B)]
     params = [ModelParams(1.0), ModelParams(0.5)]
-    r = getattr(METHODS["task_arithmetic"], path)(base, fts, params, MethodOptions(), torch.float32)
+    r = call(METHODS["task_arithmetic"], path, base, fts, params, MethodOptions())
     assert r.masks is None
     assert close(r.out, [1 + a + 0.5 * b for a, b in zip(TAU_A, TAU_B, strict=True)])
 

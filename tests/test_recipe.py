@@ -46,6 +46,11 @@ def ta_doc(f: dict[str, Path]) -> dict:
     }
 
 
+def params_of(r, tensor="model.layers.0.mlp.weight", t=0.0):
+    """Every model's resolved parameters for one tensor."""
+    return [r.model_params(k, tensor, t) for k in range(len(r.models))]
+
+
 def test_cabs_recipe(folders):
     r = parse_recipe(cabs_doc(folders))
     assert r.method == "cabs"
@@ -53,10 +58,11 @@ def test_cabs_recipe(folders):
     assert [m.path for m in r.models] == [folders[k].resolve() for k in ("ft1", "ft2", "ft3")]
     assert [m.name for m in r.models] == [str(folders[k]) for k in ("ft1", "ft2", "ft3")]
     # per-model n_val/m_val override the global ones; CABS defaults the weight to 1
-    got = [(m.params.weight, m.params.n, m.params.m) for m in r.models]
+    got = [(p.weight, p.n, p.m) for p in params_of(r)]
     assert got == [(0.5, 2, 4), (1.5, 1, 8), (1.0, 2, 4)]
     assert r.dtype == torch.float32 and r.out_dtype is None
-    assert (r.options.tail_policy, r.options.overlap_policy) == ("keep_topn_padded", "strict")
+    opts = r.options("model.layers.0.mlp.weight", 0.0)
+    assert (opts.tail_policy, opts.overlap_policy) == ("keep_topn_padded", "strict")
     assert r.warnings == ()
 
 
@@ -65,8 +71,9 @@ def test_default_n_val_aliases_and_options(folders):
     doc["parameters"] = {"default_n_val": 3, "default_m_val": 6, "tail_policy": "zero",
                          "overlap_policy": "fill"}  # fmt: skip
     r = parse_recipe(doc)
-    assert [(m.params.n, m.params.m) for m in r.models] == [(3, 6), (1, 8), (3, 6)]
-    assert (r.options.tail_policy, r.options.overlap_policy) == ("zero", "fill")
+    assert [(p.n, p.m) for p in params_of(r)] == [(3, 6), (1, 8), (3, 6)]
+    opts = r.options("x", 0.0)
+    assert (opts.tail_policy, opts.overlap_policy) == ("zero", "fill")
     assert (r.dtype, r.out_dtype) == (torch.bfloat16, torch.float16)
     assert r.warnings == ()
 
@@ -74,14 +81,14 @@ def test_default_n_val_aliases_and_options(folders):
 def test_task_arithmetic_recipe(folders):
     r = parse_recipe(ta_doc(folders))
     assert r.method == "task_arithmetic"
-    assert [m.params.weight for m in r.models] == [1.0, -0.25]
+    assert [p.weight for p in params_of(r)] == [1.0, -0.25]
 
 
 def test_global_weight_is_the_default(folders):
     doc = ta_doc(folders)
     doc["models"][1] = str(folders["ft2"])  # bare string form
     doc["parameters"] = {"weight": 0.75}
-    assert [m.params.weight for m in parse_recipe(doc).models] == [1.0, 0.75]
+    assert [p.weight for p in params_of(parse_recipe(doc))] == [1.0, 0.75]
 
 
 def test_base_listed_among_models_is_the_base(folders):
@@ -96,7 +103,7 @@ def test_pruning_order_by_written_path_or_folder_name(folders):
     doc = cabs_doc(folders, pruning_order=["ft3", str(folders["ft1"]), "ft2"])
     r = parse_recipe(doc)
     assert [m.path.name for m in r.models] == ["ft3", "ft1", "ft2"]
-    assert [m.params.weight for m in r.models] == [1.0, 0.5, 1.5]  # parameters travel along
+    assert [p.weight for p in params_of(r)] == [1.0, 0.5, 1.5]  # parameters travel along
 
 
 @pytest.mark.parametrize(
@@ -143,8 +150,10 @@ INVALID = {
     "no n:m at all": ("cabs", "parameters", {}, ["n_val", "m_val"]),
     "weight not a number": ("cabs", "models/0/parameters/weight", "heavy", ["weight", "'heavy'"]),
     "weight missing": ("ta", "models/1/parameters", {}, ["weight", "models[1]"]),
-    "weight is a list": ("ta", "models/0/parameters/weight", [1, 2], ["weight"]),
-    "unknown method": ("cabs", "merge_method", "ties", ["merge_method", "'ties'"]),
+    "weight gradient with text": ("ta", "models/0/parameters/weight", [1, "x"], ["weight", "'x'"]),
+    "unknown method": ("cabs", "merge_method", "slerp", ["merge_method", "'slerp'"]),
+    "density above 1": ("ta", "models/0/parameters/density", [0.5, 1.5], ["density", "1.5"]),
+    "n_val gradient": ("cabs", "parameters/n_val", [1, 2], ["n_val", "gradient"]),
     "no models": ("cabs", "models", [], ["models"]),
     "only the base": ("ta", "models", ["{base}"], ["model"]),
     "unknown dtype": ("cabs", "dtype", "int4", ["dtype", "'int4'"]),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from .base import MergeResult, Method, MethodOptions, ModelParams
+from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
 from .cabs import Cabs
-from .task_arithmetic import TaskArithmetic
+from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
+from .linear import Linear
 
-METHODS: dict[str, Method] = {m.name: m for m in (TaskArithmetic(), Cabs())}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (TASK_ARITHMETIC, TIES, DARE_TIES, DARE_LINEAR, MAGNITUDE, Cabs(), Linear())
+}
 
-__all__ = ["METHODS", "MergeResult", "Method", "MethodOptions", "ModelParams"]
+__all__ = ["METHODS", "MergeResult", "Method", "MethodOptions", "ModelParams", "TensorId"]

@@ -1,19 +1,26 @@
 """The seam between the scheduler and the per-tensor math.
 
-A method is a pair of pure functions on tensors: ``merge`` works on one chunk (a flat element
-range whose start is a multiple of :meth:`Method.alignment`, so n:m blocks never straddle two
-chunks) and ``reference`` on a whole tensor, written as plainly as possible. Tests assert that
-the two agree byte for byte; the scheduler only ever calls ``merge``.
+A method is a set of pure functions on tensors. ``merge`` works on one chunk: a flat element
+range ``[start, start + len)`` of the row-major flattening whose start is a multiple of
+:meth:`Method.alignment` (so n:m blocks never straddle two chunks). ``reference`` works on a
+whole tensor in memory and is written as plainly as possible; tests assert the two agree byte
+for byte for any chunking.
 
-Inputs arrive in *processing order* (for CABS: the pruning order), and sums are taken in that
+Methods that need a whole-tensor quantity (a top-k threshold, an L1 norm) get it exactly from
+statistics passes over the same chunks before the merge pass: the scheduler calls
+``accumulate`` for every chunk of pass 0, 1, ... ``stats_passes - 1`` in order, then ``merge``
+for every chunk in order. All cross-chunk state lives in the object ``new_state`` returns.
+
+Inputs arrive in *processing order* (for CABS: the pruning order) and sums are taken in that
 order, because float addition is not associative and output bytes must be reproducible.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -31,10 +38,14 @@ class ModelParams:
     """Elements kept per block (n:m methods only)."""
     m: int = 1
     """Block length in elements (n:m methods only)."""
+    density: float = 1.0
+    """Fraction of the tensor kept (magnitude trim) or keep probability (DARE), in [0, 1]."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.n <= self.m or self.m < 1:
             raise ValueError(f"invalid n:m {self.n}:{self.m} (need 0 <= n <= m, m >= 1)")
+        if not 0.0 <= self.density <= 1.0:
+            raise ValueError(f"density must be in [0, 1], got {self.density}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +56,16 @@ class MethodOptions:
     """What the last, partial n:m block keeps: its top min(n, r) elements, or nothing."""
     overlap_policy: str = "strict"
     """``strict``: only unclaimed positions are eligible. ``fill``: top up from claimed ones."""
+    normalize: bool | None = None
+    """Divide the merged delta by the sum of (agreeing) weights; None = the method's default."""
+    rescale: bool | None = None
+    """Match each pruned delta's L1 norm to the unpruned one; None = the method's default."""
+    lambda_: float = 1.0
+    """mergekit's ``lambda``: scales the merged delta before it is added to the base."""
+    seed: int = 0
+    """Seed of the random streams (DARE)."""
+    conflict_aware: bool = False
+    """``magnitude`` only: later models select only among positions earlier ones left free."""
 
     def __post_init__(self) -> None:
         if self.tail_policy not in TAIL_POLICIES:
@@ -55,6 +76,19 @@ class MethodOptions:
             raise ValueError(
                 f"overlap_policy must be one of {OVERLAP_POLICIES}, got {self.overlap_policy!r}"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class TensorId:
+    """What a method may know about the tensor it works on, besides its values."""
+
+    name: str
+    numel: int
+
+    @property
+    def key(self) -> int:
+        """A stable 32-bit identity of the tensor (seeds random streams)."""
+        return zlib.crc32(self.name.encode())
 
 
 @dataclass(slots=True)
@@ -73,24 +107,61 @@ class Method(Protocol):
     name: str
     sparsifies: bool
     """Whether the method produces masks (stored in the occupancy store)."""
+    uses_base: bool
+    """Whether the base takes part in the arithmetic (``linear`` ignores it)."""
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         """Chunk starts must be multiples of this many elements."""
         ...
 
-    def merge(
+    def work_bytes(self, k: int, itemsize: int) -> int:
+        """Bytes of temporaries per chunk element for k models (sizes chunks to the budget)."""
+        ...
+
+    def stats_passes(
+        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+    ) -> int:
+        """Statistics passes needed before the merge pass (0 for chunk-local methods)."""
+        ...
+
+    def new_state(
         self,
-        base: torch.Tensor,
-        fts: Sequence[torch.Tensor],
+        tensor: TensorId,
         params: Sequence[ModelParams],
         options: MethodOptions,
         dtype: torch.dtype,
+    ) -> Any:
+        """Cross-chunk state for one tensor (None when there is none)."""
+        ...
+
+    def accumulate(
+        self,
+        state: Any,
+        pass_index: int,
+        start: int,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
+    ) -> None:
+        """Fold one chunk into the statistics of pass ``pass_index``."""
+        ...
+
+    def end_pass(self, state: Any, pass_index: int) -> None:
+        """Called after the last chunk of each statistics pass."""
+        ...
+
+    def merge(
+        self,
+        state: Any,
+        start: int,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
     ) -> MergeResult:
-        """Merge one chunk; ``base`` and ``fts`` are 1-D and may be any float dtype."""
+        """Merge one chunk starting at element ``start``; inputs are 1-D, any float dtype."""
         ...
 
     def reference(
         self,
+        tensor: TensorId,
         base: torch.Tensor,
         fts: Sequence[torch.Tensor],
         params: Sequence[ModelParams],
@@ -101,6 +172,72 @@ class Method(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class ChunkLocal:
+    """State of a method that needs nothing beyond each chunk: just its configuration."""
+
+    tensor: TensorId
+    params: Sequence[ModelParams]
+    options: MethodOptions
+    dtype: torch.dtype
+
+
+class ChunkLocalMethod:
+    """Mixin for methods without statistics passes."""
+
+    def stats_passes(
+        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+    ) -> int:
+        return 0
+
+    def new_state(
+        self,
+        tensor: TensorId,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+    ) -> ChunkLocal:
+        return ChunkLocal(tensor, params, options, dtype)
+
+    def accumulate(self, state: Any, pass_index: int, start: int, base: torch.Tensor,
+                   fts: Sequence[torch.Tensor]) -> None:  # fmt: skip
+        raise AssertionError("chunk-local methods have no statistics passes")
+
+    def end_pass(self, state: Any, pass_index: int) -> None:
+        raise AssertionError("chunk-local methods have no statistics passes")
+
+
 def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
     """A 0-dim tensor of ``dtype``: multiplying by it rounds the weight to dtype first."""
     return torch.tensor(value, dtype=dtype)
+
+
+def run_chunked(
+    method: Method,
+    tensor: TensorId,
+    base: torch.Tensor,
+    fts: Sequence[torch.Tensor],
+    params: Sequence[ModelParams],
+    options: MethodOptions,
+    dtype: torch.dtype,
+    chunk: int | None = None,
+) -> MergeResult:
+    """Drive the chunked path in memory, as the scheduler does (tests and benchmarks).
+
+    ``chunk`` is rounded up to the method's alignment; None means one chunk.
+    """
+    flat_b, flat_f = base.flatten(), [f.flatten() for f in fts]
+    align = method.alignment(params)
+    step = -(-(chunk or max(1, tensor.numel)) // align) * align
+    ranges = [(s, min(s + step, tensor.numel)) for s in range(0, tensor.numel, step)]
+    state = method.new_state(tensor, params, options, dtype)
+    for p in range(method.stats_passes(params, options, dtype)):
+        for s, e in ranges:
+            method.accumulate(state, p, s, flat_b[s:e], [f[s:e] for f in flat_f])
+        method.end_pass(state, p)
+    parts = [method.merge(state, s, flat_b[s:e], [f[s:e] for f in flat_f]) for s, e in ranges]
+    out = torch.cat([r.out for r in parts]) if parts else torch.empty(0, dtype=dtype)
+    masks = None
+    if parts and parts[0].masks is not None:
+        masks = [torch.cat([r.masks[k] for r in parts]) for k in range(len(fts))]  # type: ignore[index]
+    return MergeResult(out, masks)

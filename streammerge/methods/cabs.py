@@ -20,26 +20,36 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import MergeResult, MethodOptions, ModelParams, scalar
+from .base import (
+    ChunkLocal,
+    ChunkLocalMethod,
+    MergeResult,
+    MethodOptions,
+    ModelParams,
+    TensorId,
+    scalar,
+)
 from .nm import magnitude_key, nm_select
 
 
-class Cabs:
+class Cabs(ChunkLocalMethod):
     name = "cabs"
     sparsifies = True
+    uses_base = True
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         # Chunks must start on a block boundary of every model and on a byte of packed bits.
         return math.lcm(8, *(p.m for p in params))
 
+    def work_bytes(self, k: int, itemsize: int) -> int:
+        # base, accumulator, tau and int key (4 bytes per element each in fp32), plus bool
+        # masks, top-k values and comparison temporaries
+        return 3 * itemsize + 4 + 12
+
     def merge(
-        self,
-        base: torch.Tensor,
-        fts: Sequence[torch.Tensor],
-        params: Sequence[ModelParams],
-        options: MethodOptions,
-        dtype: torch.dtype,
+        self, state: ChunkLocal, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
     ) -> MergeResult:
+        params, options, dtype = state.params, state.options, state.dtype
         strict = options.overlap_policy == "strict"
         b = base.to(dtype)
         acc = b.clone()
@@ -64,6 +74,7 @@ class Cabs:
 
     def reference(
         self,
+        tensor: TensorId,
         base: torch.Tensor,
         fts: Sequence[torch.Tensor],
         params: Sequence[ModelParams],

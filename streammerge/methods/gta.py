@@ -1,0 +1,286 @@
+"""The generalized task-arithmetic family, with mergekit's semantics (mergekit.md §2.2).
+
+Per tensor, for every model k in order::
+
+    delta_k = ft_k - base                                  (compute dtype)
+    mask_k  = sparsify(delta_k, density_k)                 none | magnitude | random (DARE)
+    delta_k = delta_k * mask_k  [* ||delta_k||_1 / ||mask_k delta_k||_1 if rescale]
+    wd_k    = w_k * delta_k
+    consensus "sum": elected = sign(sum_k wd_k) (>= 0 is +); keep_k = sign(wd_k) == elected
+    mixed   = sum_k wd_k * keep_k      [/ sum_k w_k * keep_k if normalize, 0 -> 1]
+    out     = base + lambda * mixed
+
+``magnitude`` keeps the ``int(density * numel)`` largest ``|delta_k|`` of the whole tensor
+(ties toward the lower index); ``conflict_aware`` makes later models choose only among positions
+earlier ones left free, as CABS does with n:m. ``random`` keeps each element with probability
+``density`` from a seeded, chunking-independent stream. A mask never includes a position whose
+delta is zero. Whole-tensor quantities (the magnitude threshold, L1 norms) come from exact
+statistics passes, so every chunking gives the bytes of :meth:`Gta.reference`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import MergeResult, MethodOptions, ModelParams, TensorId, scalar
+from .nm import magnitude_key
+from .select import ExactL1, RadixTopK, dare_keep, fsum_abs, key_bits, l1_ratio, select
+
+SPARSIFIERS = ("none", "magnitude", "random")
+
+
+@dataclass
+class _State:
+    tensor: TensorId
+    params: Sequence[ModelParams]
+    options: MethodOptions
+    dtype: torch.dtype
+    normalize: bool
+    rescale: bool
+    topk: list[RadixTopK] = field(default_factory=list)
+    """Per model (magnitude only)."""
+    taken: list[list[int]] = field(default_factory=list)
+    """Threshold ties kept so far in the current pass, per model."""
+    l1: list[tuple[ExactL1, ExactL1]] = field(default_factory=list)
+    factors: list[float] = field(default_factory=list)
+    """Rescale factors per model (1.0 when not rescaling)."""
+
+
+class Gta:
+    """One member of the family; see the module docstring."""
+
+    sparsifies: bool
+    uses_base = True
+
+    def __init__(
+        self,
+        name: str,
+        sparsifier: str,
+        consensus: bool,
+        normalize: bool,
+        rescale: bool,
+    ) -> None:
+        assert sparsifier in SPARSIFIERS
+        self.name = name
+        self.sparsifier = sparsifier
+        self.consensus = consensus
+        self.default_normalize = normalize
+        self.default_rescale = rescale
+        self.sparsifies = sparsifier != "none"
+
+    def alignment(self, params: Sequence[ModelParams]) -> int:
+        return 8  # masks are stored as packed bits: chunks start on a byte
+
+    def work_bytes(self, k: int, itemsize: int) -> int:
+        # base, out, one delta and key per model at a time, plus all K weighted deltas for
+        # the sign election, bool masks and selection temporaries
+        return (3 + k) * itemsize + 4 + 12 + 2 * k
+
+    # -- statistics passes -------------------------------------------------------------------
+
+    def _magnitude_passes(self, k: int, dtype: torch.dtype, conflict_aware: bool) -> int:
+        digits = RadixTopK(1, key_bits(dtype)).passes
+        return digits * (k if conflict_aware else 1)
+
+    def stats_passes(
+        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+    ) -> int:
+        n = 0
+        if self.sparsifier == "magnitude":
+            n += self._magnitude_passes(len(params), dtype, options.conflict_aware)
+        if self._rescale(options) and self.sparsifies:
+            n += 1
+        return n
+
+    def _rescale(self, options: MethodOptions) -> bool:
+        return self.default_rescale if options.rescale is None else options.rescale
+
+    def new_state(
+        self,
+        tensor: TensorId,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+    ) -> _State:
+        st = _State(
+            tensor,
+            params,
+            options,
+            dtype,
+            normalize=self.default_normalize if options.normalize is None else options.normalize,
+            rescale=self._rescale(options) and self.sparsifies,
+            factors=[1.0] * len(params),
+        )
+        if self.sparsifier == "magnitude":
+            bits = key_bits(dtype)
+            st.topk = [RadixTopK(int(p.density * tensor.numel), bits) for p in params]
+        st.taken = [[0] for _ in params]
+        if st.rescale:
+            st.l1 = [(ExactL1(), ExactL1()) for _ in params]
+        return st
+
+    def _masks(
+        self, st: _State, start: int, deltas: Sequence[torch.Tensor], upto: int
+    ) -> list[torch.Tensor]:
+        """Final masks of models ``0 .. upto-1`` for one chunk (thresholds must be known)."""
+        masks: list[torch.Tensor] = []
+        claimed: torch.Tensor | None = None
+        for k in range(upto):
+            d = deltas[k]
+            if self.sparsifier == "random":
+                p = st.params[k].density
+                sel = dare_keep(st.options.seed, k, st.tensor.key, start, start + d.numel(), p)
+            else:
+                key = magnitude_key(d)
+                if claimed is not None:
+                    key.masked_fill_(claimed, -1)
+                t = st.topk[k]
+                sel = select(key, t.threshold, t.need, st.taken[k])
+            mask = sel & (d != 0)
+            if st.options.conflict_aware and self.sparsifier == "magnitude":
+                claimed = mask.clone() if claimed is None else claimed | mask
+            masks.append(mask)
+        return masks
+
+    def accumulate(
+        self,
+        state: _State,
+        pass_index: int,
+        start: int,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
+    ) -> None:
+        st = state
+        b = base.to(st.dtype)
+        deltas = [ft.to(st.dtype) - b for ft in fts]
+        mag_passes = self.stats_passes(st.params, st.options, st.dtype) - int(st.rescale)
+        if pass_index < mag_passes:
+            if st.options.conflict_aware:
+                per_model = mag_passes // len(fts)
+                k = pass_index // per_model
+                masks = self._masks(st, start, deltas, k)  # earlier models are final
+                key = magnitude_key(deltas[k])
+                for m in masks:
+                    key.masked_fill_(m, -1)
+                st.topk[k].add(key)
+            else:
+                for k, d in enumerate(deltas):
+                    st.topk[k].add(magnitude_key(d))
+        else:  # the L1 pass: norms of the full and the pruned deltas
+            for (full, kept), d, m in zip(
+                st.l1, deltas, self._masks(st, start, deltas, len(fts)), strict=True
+            ):
+                full.add(d)
+                kept.add(d[m])
+
+    def end_pass(self, state: _State, pass_index: int) -> None:
+        st = state
+        mag_passes = self.stats_passes(st.params, st.options, st.dtype) - int(st.rescale)
+        st.taken = [[0] for _ in st.params]  # every pass walks the tensor from the start
+        if pass_index < mag_passes:
+            if st.options.conflict_aware:
+                st.topk[pass_index // (mag_passes // len(st.params))].end_pass()
+            else:
+                for t in st.topk:
+                    t.end_pass()
+        else:
+            st.factors = [l1_ratio(float(f.value()), float(k.value())) for f, k in st.l1]
+
+    # -- merge ---------------------------------------------------------------------------------
+
+    def merge(
+        self, state: _State, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
+    ) -> MergeResult:
+        st = state
+        b = base.to(st.dtype)
+        deltas = [ft.to(st.dtype, copy=True).sub_(b) for ft in fts]
+        masks = self._masks(st, start, deltas, len(fts)) if self.sparsifies else None
+        return MergeResult(self._combine(st, b, deltas, masks), masks)
+
+    def _combine(
+        self,
+        st: _State,
+        b: torch.Tensor,
+        deltas: list[torch.Tensor],
+        masks: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Everything after the masks, shared by ``merge`` and ``reference`` (elementwise)."""
+        dt = st.dtype
+        for k, d in enumerate(deltas):
+            if masks is not None:
+                d.mul_(masks[k])
+            if st.rescale:
+                d.mul_(scalar(st.factors[k], dt))
+            d.mul_(scalar(st.params[k].weight, dt))
+        weights = [scalar(p.weight, dt) for p in st.params]
+        if self.consensus:
+            total = deltas[0].clone()
+            for d in deltas[1:]:
+                total.add_(d)
+            positive = total >= 0
+            keeps = [torch.where(positive, d > 0, d < 0) for d in deltas]
+            mixed = deltas[0] * keeps[0]
+            for d, keep in zip(deltas[1:], keeps[1:], strict=True):
+                mixed.add_(d * keep)
+            if st.normalize:
+                div = weights[0] * keeps[0]
+                for w, keep in zip(weights[1:], keeps[1:], strict=True):
+                    div.add_(w * keep)
+                div[div == 0] = 1
+                mixed.div_(div)
+        else:
+            mixed = deltas[0].clone()
+            for d in deltas[1:]:
+                mixed.add_(d)
+            if st.normalize:
+                div = weights[0].clone()
+                for w in weights[1:]:
+                    div = div + w
+                if abs(float(div)) >= 1e-8:
+                    mixed.div_(div)
+        return b + scalar(st.options.lambda_, dt) * mixed
+
+    def reference(
+        self,
+        tensor: TensorId,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+    ) -> MergeResult:
+        st = self.new_state(tensor, params, options, dtype)
+        b = base.to(dtype).flatten()
+        deltas = [ft.to(dtype).flatten() - b for ft in fts]
+        masks: list[torch.Tensor] | None = None
+        if self.sparsifies:
+            masks = []
+            claimed = torch.zeros(b.numel(), dtype=torch.bool)
+            for k, (d, p) in enumerate(zip(deltas, params, strict=True)):
+                if self.sparsifier == "random":
+                    sel = dare_keep(options.seed, k, tensor.key, 0, b.numel(), p.density)
+                else:  # stable sort by |delta| among eligible positions, keep the first k
+                    eligible = ~claimed if options.conflict_aware else torch.ones_like(claimed)
+                    idx = torch.nonzero(eligible).flatten()
+                    order = torch.sort(d[idx].abs().double(), descending=True, stable=True).indices
+                    sel = torch.zeros_like(claimed)
+                    sel[idx[order[: int(p.density * b.numel())]]] = True
+                mask = sel & (d != 0)
+                claimed |= mask
+                masks.append(mask)
+            if st.rescale:
+                st.factors = [
+                    l1_ratio(fsum_abs(d), fsum_abs(d[m]))
+                    for d, m in zip(deltas, masks, strict=True)
+                ]
+        return MergeResult(self._combine(st, b, deltas, masks), masks)
+
+
+TASK_ARITHMETIC = Gta("task_arithmetic", "none", consensus=False, normalize=False, rescale=False)
+TIES = Gta("ties", "magnitude", consensus=True, normalize=True, rescale=False)
+DARE_TIES = Gta("dare_ties", "random", consensus=True, normalize=False, rescale=True)
+DARE_LINEAR = Gta("dare_linear", "random", consensus=False, normalize=False, rescale=True)
+MAGNITUDE = Gta("magnitude", "magnitude", consensus=False, normalize=False, rescale=False)

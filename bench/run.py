@@ -4,10 +4,10 @@ Usage::
 
     python bench/run.py 1b cabs --max-memory 1GiB [--root /tmp/sm-bench] [--verify] [--drop-caches]
 
-Methods: ``task_arithmetic`` (weights 0.5/0.5, as in the mergekit baseline) and ``cabs``
-(16:64, weights 1.0/0.8). Prints the ``streammerge run`` command, then one JSON line with wall
-time, peak RSS (kernel high-water mark) and peak anonymous RSS, and with ``--verify`` whether
-every output tensor equals the in-memory reference byte for byte.
+Methods: every merge method, with the weights and densities of the mergekit baselines in
+``shared/reference/baselines.md`` (CABS: 16:64, weights 1.0/0.8). Prints the command, then
+one JSON line with wall time, peak RSS (kernel high-water mark) and peak anonymous RSS, and
+with ``--verify`` whether every output tensor equals the in-memory reference byte for byte.
 """
 
 from __future__ import annotations
@@ -25,15 +25,23 @@ sys.path.insert(0, str(HERE))
 
 from measure import drop_caches, measure  # noqa: E402
 
+_MODELS = (
+    "base_model: {root}/base\nmodels:\n"
+    "  - model: {root}/ft1\n    parameters: {{weight: %s%s}}\n"
+    "  - model: {root}/ft2\n    parameters: {{weight: %s%s}}\n"
+)
 RECIPES = {
-    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {root}/base\nmodels:\n"
-    "  - model: {root}/ft1\n    parameters: {{weight: 0.5}}\n"
-    "  - model: {root}/ft2\n    parameters: {{weight: 0.5}}\ndtype: float32\n",
-    "cabs": "merge_method: cabs\nbase_model: {root}/base\nmodels:\n"
-    "  - model: {root}/ft1\n    parameters: {{weight: 1.0}}\n"
-    "  - model: {root}/ft2\n    parameters: {{weight: 0.8}}\n"
-    "parameters: {{n_val: 16, m_val: 64}}\ndtype: float32\n",
+    # weights as in the mergekit baselines of shared/reference/baselines.md
+    "task_arithmetic": _MODELS % ("0.5", "", "0.5", ""),
+    "cabs": _MODELS % ("1.0", "", "0.8", "") + "parameters: {{n_val: 16, m_val: 64}}\n",
+    "ties": _MODELS % ("1.0", ", density: 0.25", "1.0", ", density: 0.25"),
+    "dare_ties": _MODELS % ("0.5", ", density: 0.25", "0.5", ", density: 0.25"),
+    "dare_linear": _MODELS % ("0.5", ", density: 0.25", "0.5", ", density: 0.25"),
+    "magnitude": _MODELS % ("1.0", ", density: 0.25", "1.0", ", density: 0.25"),
+    "linear": "models:\n  - model: {root}/ft1\n    parameters: {{weight: 0.5}}\n"
+    "  - model: {root}/ft2\n    parameters: {{weight: 0.5}}\n",
 }
+RECIPES = {m: f"merge_method: {m}\n{r}dtype: float32\n" for m, r in RECIPES.items()}
 
 
 def verify(recipe_path: Path, out: Path) -> tuple[int, list[str]]:

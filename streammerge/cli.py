@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .engine import DEFAULT_SHARD_SIZE, RunSummary, run_merge
-from .errors import StreamMergeError
+from .errors import Interrupted, StreamMergeError
 from .memory import format_size, parse_size
 from .recipe import load_recipe
 
@@ -28,6 +28,9 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, verbose: bool = False, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(128 + e.signum)
         except StreamMergeError as e:
             if verbose:
                 raise
@@ -73,11 +76,28 @@ def main() -> None:
     help="Maximum size of one output shard.",
 )
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option("--chunk-elems", type=int, hidden=True, help="Force the chunk length (testing).")
+@click.option("--restart", is_flag=True, help="Discard an interrupted run in OUT_DIR; start over.")
+@click.option("--force", is_flag=True, help="Replace a finished merge in OUT_DIR.")
+@click.option(
+    "--allow-nonfinite", is_flag=True, help="Merge NaN/Inf input values instead of failing."
+)
 @_user_errors
 def run(
-    recipe: Path, out_dir: Path, max_memory: int | None, shard_size: int, progress: bool
+    recipe: Path,
+    out_dir: Path,
+    max_memory: int | None,
+    shard_size: int,
+    progress: bool,
+    restart: bool,
+    force: bool,
+    allow_nonfinite: bool,
+    chunk_elems: int | None,
 ) -> None:
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR.
+
+    An interrupted run (Ctrl-C, a crash, a kill) resumes where it stopped when the same
+    command is run again, and produces the same bytes as an uninterrupted run.
 
     \b
     Example:
@@ -87,7 +107,15 @@ def run(
     for w in parsed.warnings:  # before the heavy work, so a typo is seen at once
         click.echo(f"warning: {w}", err=True)
     summary = run_merge(
-        parsed, out_dir, max_memory=max_memory, shard_size=shard_size, progress=progress
+        parsed,
+        out_dir,
+        max_memory=max_memory,
+        shard_size=shard_size,
+        progress=progress,
+        restart=restart,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        chunk_elems=chunk_elems,
     )
     _print_summary(summary)
 
@@ -143,6 +171,8 @@ def _print_summary(s: RunSummary) -> None:
         f"peak RSS {format_size(s.peak_rss)} (anonymous {format_size(s.peak_anon_rss)}); "
         f"output: {s.out_dir}"
     )
+    if s.resumed_chunks:
+        click.echo(f"resumed: {s.resumed_chunks} chunks were already done")
     if s.kept and s.merged_elems:
         kept = [sum(v[k] for v in s.kept.values()) for k in range(len(s.models))]
         click.echo(

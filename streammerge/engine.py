@@ -3,15 +3,23 @@
 For each chunk: take zero-copy views of the base and every model, hint the kernel to read the
 next chunk, call the method's pure ``merge``, write the output bytes at their planned offset,
 store the masks, then release the consumed input pages so mapped input never piles up in RSS.
+
+Crash safety (see :mod:`streammerge.journal`): finished chunks are journaled in small batches
+after their bytes are durable; a rerun of the same command resumes from the journal; SIGINT
+and SIGTERM finish the current chunk, flush, and exit; the index and ``streammerge.json`` are
+written last, so an output folder without the marker is never mistaken for a finished one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +27,20 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .errors import StreamMergeError
+from .errors import InputError, Interrupted, StreamMergeError
+from .journal import (
+    INCOMPLETE,
+    STATE_DIR,
+    FolderLock,
+    Journal,
+    Progress,
+    digest,
+    explain_mismatch,
+    fsync_dir,
+)
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore
-from .memory import RssSampler, default_max_memory, peak_rss
-from .methods import METHODS, Method, TensorId
+from .memory import RssSampler, default_max_memory, format_size, peak_rss
+from .methods import METHODS, TensorId
 from .model import ModelFolder
 from .plan import MergePlan, TensorTask, build_plan, check_out_dir
 from .recipe import Recipe, load_recipe
@@ -30,6 +48,8 @@ from .safetensors_io import FLOAT_DTYPES, ShardWriter, atomic_write_text, tensor
 from .tadrop import TadropConfig, allocate, chunk_sample_slice, kurtosis
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
+JOURNAL_INTERVAL_S = 0.5
+"""How often finished chunks are made durable and journaled (at most)."""
 COMPLETE_MARKER = "streammerge.json"
 """Written last: its presence means the output folder is complete."""
 COPIED_FILES = (
@@ -68,6 +88,8 @@ class RunSummary:
     """Kept element counts per tensor, per model (sparsifying methods only)."""
     merged_elems: int = 0
     """Elements of the merged (floating-point) tensors, per model."""
+    resumed_chunks: int = 0
+    """Chunks an interrupted run had finished and this run skipped."""
 
 
 def run_merge(
@@ -79,17 +101,25 @@ def run_merge(
     chunk_elems: int | None = None,
     progress: bool = False,
     mask_store: MaskStore | None = None,
+    restart: bool = False,
+    force: bool = False,
+    allow_nonfinite: bool = False,
 ) -> RunSummary:
     """Merge the recipe's models into ``out_dir``; the library entry point behind ``run``.
 
+    Rerunning with the same recipe and inputs resumes an interrupted merge.
+
     Args:
         recipe: a validated :class:`Recipe` or the path of a YAML recipe.
-        out_dir: output folder; must not exist yet or be empty.
+        out_dir: output folder: new, empty, or holding an interrupted run of the same plan.
         max_memory: peak RSS budget in bytes (default: half the available RAM).
         shard_size: maximum bytes per output shard.
         chunk_elems: force a chunk length (elements) instead of deriving it from the budget.
         progress: draw a progress bar on stderr.
-        mask_store: where masks go (default: ``out_dir/occupancy.zarr``).
+        mask_store: where masks go (default: ``out_dir/occupancy.zarr``; no resume otherwise).
+        restart: discard an interrupted run in ``out_dir`` and start over.
+        force: replace a finished merge in ``out_dir``.
+        allow_nonfinite: let NaN/Inf input values through instead of failing.
     """
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
@@ -101,146 +131,401 @@ def run_merge(
     try:
         budget = max_memory or default_max_memory()
         plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
-        tadrop: dict[str, object] = {}
-        if recipe.tadrop:  # a sampling pass decides every tensor's density, then re-plan
-            densities, tadrop = tadrop_densities(plan, base, models)
-            plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, densities)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        store = mask_store or ZarrMaskStore(out_dir / STORE_NAME, mode="w")
-        store.set_attrs(_store_attrs(plan, tadrop))
-        with RssSampler() as sampler:
-            kept = _execute(plan, base, models, out_dir, store, progress)
-        _copy_model_files(recipe, out_dir)
-        write_index(out_dir, plan.shards, {"streammerge_version": __version__})
-        summary = RunSummary(
-            out_dir=out_dir,
-            tensors=len(plan.tensors),
-            bytes_read=plan.bytes_read,
-            bytes_written=plan.bytes_written,
-            seconds=time.perf_counter() - t0,
-            peak_rss=peak_rss(),
-            peak_anon_rss=sampler.peak_anon,
-            chunk_elems=plan.budget.chunk_elems if chunk_elems is None else chunk_elems,
-            warnings=recipe.warnings,
-            models=tuple(m.name for m in recipe.models),
-            kept=kept,
-            merged_elems=sum(t.numel for t in plan.tensors if t.merged),
-        )
-        atomic_write_text(out_dir / COMPLETE_MARKER, json.dumps(_marker(recipe, summary), indent=2))
-        return summary
+        _make_dir(out_dir)
+        with FolderLock(out_dir):
+            journal = Journal(out_dir)
+            header, done = _claim_out_dir(out_dir, journal, plan, base, models, restart, force)
+            if header.get("chunk_elems") and chunk_elems is None:
+                chunk_elems = header["chunk_elems"]  # resume with the interrupted run's chunks
+                plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
+            tadrop: dict[str, object] = {}
+            if recipe.tadrop:  # a sampling pass decides every tensor's density, then re-plan
+                densities, tadrop = tadrop_densities(plan, base, models)
+                plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, densities)
+            _check_disk(out_dir, plan)
+            if not journal.exists():
+                journal.create({**_plan_digest(plan, base, models), "chunk_elems": chunk_elems
+                                or plan.budget.chunk_elems})  # fmt: skip
+                atomic_write_text(out_dir / INCOMPLETE, INCOMPLETE_TEXT)
+            store = mask_store or ZarrMaskStore(
+                out_dir / STORE_NAME, mode="w" if done.empty else "r+"
+            )
+            if done.empty:
+                store.set_attrs(_store_attrs(plan, tadrop))
+            run = _Run(plan, base, models, out_dir, store, journal, done, allow_nonfinite)
+            with RssSampler() as sampler, _StopOnSignals() as stop:
+                run.execute(progress, stop)
+            _finalize(plan, out_dir, journal)
+            summary = RunSummary(
+                out_dir=out_dir,
+                tensors=len(plan.tensors),
+                bytes_read=plan.bytes_read,
+                bytes_written=plan.bytes_written,
+                seconds=time.perf_counter() - t0,
+                peak_rss=peak_rss(),
+                peak_anon_rss=sampler.peak_anon,
+                chunk_elems=plan.budget.chunk_elems,
+                warnings=recipe.warnings,
+                models=tuple(m.name for m in recipe.models),
+                kept=run.kept,
+                merged_elems=sum(t.numel for t in plan.tensors if t.merged),
+                resumed_chunks=run.skipped,
+            )
+            marker = {**_marker(recipe, summary), **({"tadrop": tadrop} if tadrop else {})}
+            atomic_write_text(out_dir / COMPLETE_MARKER, json.dumps(marker, indent=2))
+            (out_dir / INCOMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
+            return summary
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StreamMergeError(
+                f"disk full while writing {e.filename or out_dir}; free space and run the same "
+                "command again to resume"
+            ) from e
+        raise StreamMergeError(f"{e.filename or out_dir}: {e.strerror}") from e
     finally:
         base.close()
         for m in models:
             m.close()
 
 
-def _execute(
-    plan: MergePlan,
-    base: ModelFolder,
-    models: list[ModelFolder],
-    out_dir: Path,
-    store: MaskStore,
-    progress: bool,
-) -> dict[str, list[int]]:
-    method = METHODS[plan.recipe.method]
-    bar = tqdm(
-        total=plan.bytes_read,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=not progress,
-        file=sys.stderr,
-        desc="merging",
-        dynamic_ncols=True,
-    )
-    kept: dict[str, list[int]] = {}
-    writer: ShardWriter | None = None
+INCOMPLETE_TEXT = (
+    "This merge is not finished. Run the same `streammerge run` command again to resume it;\n"
+    "streammerge.json appears when the output is complete.\n"
+)
+
+
+def _make_dir(out_dir: Path) -> None:
     try:
-        for task in plan.tensors:
-            if writer is None or writer.plan is not plan.shards[task.shard]:
-                if writer is not None:
-                    writer.finish()
-                writer = ShardWriter(out_dir, plan.shards[task.shard])
-            if task.merged:
-                kept[task.name] = _merge_tensor(
-                    task, plan, method, base, models, writer, store, bar.update
-                )
-            else:
-                _copy_tensor(task, base, writer, bar.update)
-        if writer is not None:
-            writer.finish()
-            writer = None
-    finally:
-        if writer is not None:
-            writer.abort()
-        bar.close()
-    return {k: v for k, v in kept.items() if v}
+        (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        probe = out_dir / STATE_DIR / "write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StreamMergeError(f"output folder {out_dir} is not writable: {e.strerror}") from e
 
 
-def _merge_tensor(
-    task: TensorTask,
+OUR_FILES = ("model.safetensors.index.json", COMPLETE_MARKER, INCOMPLETE, *COPIED_FILES)
+
+
+def _wipe(out_dir: Path) -> None:
+    """Remove what a streammerge run writes (and nothing else)."""
+    for p in out_dir.glob("model-*-of-*.safetensors*"):
+        p.unlink()
+    for name in OUR_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / STORE_NAME, ignore_errors=True)
+    journal = out_dir / STATE_DIR
+    for p in journal.glob("journal*"):
+        p.unlink()
+
+
+def _claim_out_dir(
+    out_dir: Path,
+    journal: Journal,
     plan: MergePlan,
-    method: Method,
     base: ModelFolder,
     models: list[ModelFolder],
-    writer: ShardWriter,
-    store: MaskStore,
-    advance: Callable[[int], object],
-) -> list[int]:
-    recipe = plan.recipe
-    out_dtype = FLOAT_DTYPES[task.out_dtype]
-    sources = [base, *models]
-    chunks = task.chunks()
-    item_bytes = sum(src.info(task.name).itemsize for src in sources)
+    restart: bool,
+    force: bool,
+) -> tuple[dict[str, object], Progress]:
+    """Decide between a fresh start and a resume; refuse anything that could lose data."""
+    if (out_dir / COMPLETE_MARKER).exists():
+        if not force:
+            raise StreamMergeError(
+                f"{out_dir} already holds a finished merge ({COMPLETE_MARKER}); use --force to "
+                "replace it"
+            )
+        _wipe(out_dir)
+    if journal.exists():
+        if restart:
+            _wipe(out_dir)
+            return {}, Progress()
+        header, done = journal.read()
+        now = _plan_digest(plan, base, models)
+        if any(header.get(k) != v for k, v in now.items()):
+            raise StreamMergeError(
+                f"{out_dir} holds an interrupted merge of a different plan ("
+                f"{explain_mismatch(header, now)} changed); use --restart to discard it"
+            )
+        return header, done
+    others = [p.name for p in out_dir.iterdir() if p.name not in (STATE_DIR, INCOMPLETE)]
+    if others:
+        raise StreamMergeError(
+            f"output folder {out_dir} is not empty ({others[0]}, ...) and holds no "
+            "interrupted streammerge run; choose a new folder"
+        )
+    return {}, Progress()
 
-    def walk() -> Iterator[tuple[int, list[torch.Tensor]]]:
+
+def _plan_digest(
+    plan: MergePlan, base: ModelFolder, models: list[ModelFolder]
+) -> dict[str, object]:
+    recipe = plan.recipe
+    layout = [s.header.hex() for s in plan.shards]
+    layout += [repr((t.params, t.options)) for t in plan.tensors]
+    return {
+        "version": __version__,
+        "recipe": digest(recipe.source),
+        "layout": digest(layout),
+        "inputs": {str(f.path): digest(f.fingerprint()) for f in (base, *models)},
+    }
+
+
+def _check_disk(out_dir: Path, plan: MergePlan) -> None:
+    """The output and the mask store must fit on the free disk; say how much is missing."""
+    need = 0
+    for s in plan.shards:
+        if (out_dir / s.filename).exists():
+            continue
+        partial = out_dir / (s.filename + ".partial")
+        have = partial.stat().st_blocks * 512 if partial.exists() else 0
+        need += max(0, s.size - have)
+    if METHODS[plan.recipe.method].sparsifies:
+        need += sum(t.numel for t in plan.tensors if t.merged) * len(plan.recipe.models) // 8
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise StreamMergeError(
+            f"not enough disk space in {out_dir}: the output and occupancy store need "
+            f"{format_size(need)}, {format_size(free)} is free"
+        )
+
+
+class _StopOnSignals:
+    """SIGINT/SIGTERM set a flag the scheduler checks between chunks (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> _StopOnSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+class _Run:
+    """One execution of a plan, skipping what the journal says is done."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        base: ModelFolder,
+        models: list[ModelFolder],
+        out_dir: Path,
+        store: MaskStore,
+        journal: Journal,
+        done: Progress,
+        allow_nonfinite: bool,
+    ) -> None:
+        self.plan, self.base, self.models, self.out_dir = plan, base, models, out_dir
+        self.store, self.journal, self.done = store, journal, done
+        self.allow_nonfinite = allow_nonfinite
+        self.method = METHODS[plan.recipe.method]
+        self.kept: dict[str, list[int]] = {}
+        self.skipped = 0
+        self.writer: ShardWriter | None = None
+        self._pending: list[dict[str, object]] = []
+        self._pending_masks: list[tuple[int, str, int]] = []
+        self._last_flush = time.monotonic()
+
+    def execute(self, progress: bool, stop: _StopOnSignals) -> None:
+        plan = self.plan
+        last_of_shard = {t.shard: i for i, t in enumerate(plan.tensors)}
+        bar = tqdm(
+            total=plan.bytes_read,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not progress,
+            file=sys.stderr,
+            desc="merging",
+            dynamic_ncols=True,
+        )
+        self.advance = bar.update
+        self.stop = stop
+        try:
+            for ti, task in enumerate(plan.tensors):
+                self._tensor(ti, task)
+                if last_of_shard[task.shard] == ti and task.shard not in self.done.shards:
+                    self._finish_shard(task.shard)
+            self._flush()
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self._flush()
+                self.writer.abort()
+            self.journal.close()
+
+    def _bytes(self, task: TensorTask) -> int:
+        passes = 1
+        if task.merged:
+            passes += self.method.stats_passes(task.params, task.options, self.plan.recipe.dtype)
+            passes *= len(self.models) + 1
+        return self.base.info(task.name).nbytes * passes
+
+    def _tensor(self, ti: int, task: TensorTask) -> None:
+        if task.shard in self.done.shards or ti in self.done.tensors:
+            self.advance(self._bytes(task))
+            self.skipped += len(task.chunks())
+            if task.merged and self.method.sparsifies:
+                self.kept[task.name] = [
+                    self.store.kept(k, task.name) or 0 for k in range(len(self.models))
+                ]
+            return
+        if self.writer is None or self.writer.plan is not self.plan.shards[task.shard]:
+            self.writer = ShardWriter(self.out_dir, self.plan.shards[task.shard], resume=True)
+        if task.merged:
+            self._merge_tensor(ti, task)
+        else:
+            self._copy_tensor(ti, task)
+        self._pending.append({"tensor": ti})
+        self._flush(force=True)
+
+    def _chunk_done(self, ti: int, ci: int) -> None:
+        """Record a finished chunk; flush in batches, and stop here if a signal came."""
+        self._pending.append({"chunk": [ti, ci]})
+        if self.stop.signum:
+            self._flush(force=True)
+            name = signal.Signals(self.stop.signum).name
+            raise Interrupted(
+                f"stopped by {name}; progress is saved in {self.out_dir}. Run the same command "
+                "again to resume.",
+                self.stop.signum,
+            )
+        self._flush()
+
+    def _flush(self, force: bool = False) -> None:
+        """Make written chunks durable, then journal them (never the other way round)."""
+        if not self._pending or (
+            not force and time.monotonic() - self._last_flush < JOURNAL_INTERVAL_S
+        ):
+            return
+        if self.writer is not None:
+            self.writer.sync()
+        for k, name, start in self._pending_masks:
+            self.store.sync(k, name, start)
+        for entry in self._pending:
+            self.journal.append(entry)
+        self._pending.clear()
+        self._pending_masks.clear()
+        self._last_flush = time.monotonic()
+
+    def _finish_shard(self, shard: int) -> None:
+        plan = self.plan.shards[shard]
+        if self.writer is not None and self.writer.plan is plan:
+            self._flush(force=True)
+            self.writer.finish()
+            self.writer = None
+        elif not (self.out_dir / plan.filename).exists():  # journaled tensors, never renamed
+            if not (self.out_dir / (plan.filename + ".partial")).exists():
+                raise StreamMergeError(
+                    f"{self.out_dir / plan.filename}: missing although the journal lists its "
+                    "tensors as done; rerun with --restart"
+                )
+            ShardWriter(self.out_dir, plan, resume=True).finish()
+        fsync_dir(self.out_dir)
+        self.journal.append({"shard": shard})
+
+    def _walk(
+        self, task: TensorTask, skip: set[int]
+    ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
         """Zero-copy views of every model's chunk; pages are released once consumed."""
+        sources = [self.base, *self.models]
+        chunks = task.chunks()
+        item_bytes = sum(src.info(task.name).itemsize for src in sources)
         for i, (s, e) in enumerate(chunks):
+            if i in skip:
+                self.advance(item_bytes * (e - s))
+                self.skipped += 1
+                continue
             if i + 1 < len(chunks):
                 for src in sources:  # let the kernel read the next chunk while we compute
                     src.where[task.name].prefetch(task.name, *chunks[i + 1])
-            yield s, [src.read(task.name, s, e) for src in sources]
+            yield i, s, [src.read(task.name, s, e) for src in sources]
             for src in sources:
                 src.where[task.name].release(task.name, s, e)
-            advance(item_bytes * (e - s))
+            self.advance(item_bytes * (e - s))
 
-    state = method.new_state(
-        TensorId(task.name, task.numel), task.params, task.options, recipe.dtype
-    )
-    for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
-        for s, views in walk():
-            method.accumulate(state, p, s, views[0], views[1:])
-        method.end_pass(state, p)
-
-    if method.sparsifies:
-        for k in range(len(models)):
-            store.create(k, task.name, task.shape, task.chunk_elems)
-    kept = [0] * len(models) if method.sparsifies else []
-    for s, views in walk():
-        result = method.merge(state, s, views[0], views[1:])
-        writer.write(task.name, s, tensor_bytes(result.out.to(out_dtype)))
-        if result.masks is not None:
-            for k, mask in enumerate(result.masks):
-                store.write(k, task.name, s, mask)
-                kept[k] += int(mask.sum())
-        del views, result
-    for k, n in enumerate(kept):
-        p = task.params[k]
-        store.finish(
-            k, task.name, n, {"weight": p.weight, "density": p.density, "n": p.n, "m": p.m}
+    def _merge_tensor(self, ti: int, task: TensorTask) -> None:
+        method, recipe, models = self.method, self.plan.recipe, self.models
+        out_dtype = FLOAT_DTYPES[task.out_dtype]
+        state = method.new_state(
+            TensorId(task.name, task.numel), task.params, task.options, recipe.dtype
         )
-    return kept
+        for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
+            for _, s, views in self._walk(task, set()):
+                self._check_finite(task, views)
+                method.accumulate(state, p, s, views[0], views[1:])
+            method.end_pass(state, p)
+        # chunks of an interrupted run are skipped unless the merge pass carries state
+        # from chunk to chunk (magnitude ties); then the tensor is redone from its start
+        skip = (
+            self.done.chunks.get(ti, set())
+            if method.chunk_local(task.params, task.options)
+            else set()
+        )
+        kept = [0] * len(models)
+        if method.sparsifies:
+            for k in range(len(models)):
+                self.store.create(k, task.name, task.shape, task.chunk_elems)
+                for ci in skip:
+                    s, e = task.chunks()[ci]
+                    kept[k] += int(self.store.read_range(k, task.name, s, e).sum())
+        for ci, s, views in self._walk(task, skip):
+            self._check_finite(task, views)
+            result = method.merge(state, s, views[0], views[1:])
+            assert self.writer is not None
+            self.writer.write(task.name, s, tensor_bytes(result.out.to(out_dtype)))
+            for k, mask in enumerate(result.masks or []):
+                self.store.write(k, task.name, s, mask)
+                self._pending_masks.append((k, task.name, s))
+                kept[k] += int(mask.sum())
+            del views, result
+            self._chunk_done(ti, ci)
+        if method.sparsifies:
+            for k, n in enumerate(kept):
+                p = task.params[k]
+                info = {"weight": p.weight, "density": p.density, "n": p.n, "m": p.m}
+                self.store.finish(k, task.name, n, info)
+            self.kept[task.name] = kept
+
+    def _check_finite(self, task: TensorTask, views: list[torch.Tensor]) -> None:
+        if self.allow_nonfinite:
+            return
+        for src, v in zip([self.base, *self.models], views, strict=True):
+            if not bool(torch.isfinite(v).all()):
+                raise InputError(
+                    f"{src.where[task.name].path}: tensor {task.name!r} contains NaN or Inf "
+                    "values; pass --allow-nonfinite to merge it anyway"
+                )
+
+    def _copy_tensor(self, ti: int, task: TensorTask) -> None:
+        f = self.base.where[task.name]
+        item = f.tensors[task.name].itemsize
+        skip = self.done.chunks.get(ti, set())
+        assert self.writer is not None
+        for ci, (s, e) in enumerate(task.chunks()):
+            if ci not in skip:
+                self.writer.write(task.name, s, f.read_bytes(task.name, s, e))
+                f.release(task.name, s, e)
+            self.advance(item * (e - s))
+            self._chunk_done(ti, ci)
 
 
-def _copy_tensor(
-    task: TensorTask, base: ModelFolder, writer: ShardWriter, advance: Callable[[int], object]
-) -> None:
-    f = base.where[task.name]
-    item = f.tensors[task.name].itemsize
-    for s, e in task.chunks():
-        writer.write(task.name, s, f.read_bytes(task.name, s, e))
-        f.release(task.name, s, e)
-        advance(item * (e - s))
+def _finalize(plan: MergePlan, out_dir: Path, journal: Journal) -> None:
+    """Config files, then the index; the caller writes the completion marker last."""
+    _copy_model_files(plan.recipe, out_dir)
+    write_index(out_dir, plan.shards, {"streammerge_version": __version__})
+    fsync_dir(out_dir)
 
 
 def _store_attrs(plan: MergePlan, tadrop: Mapping[str, object]) -> dict[str, object]:

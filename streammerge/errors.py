@@ -18,3 +18,11 @@ class RecipeError(StreamMergeError):
 
 class InputError(StreamMergeError):
     """An input model folder or file is invalid or inconsistent with the others."""
+
+
+class Interrupted(StreamMergeError):
+    """The run was stopped by a signal after making its progress durable."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -26,6 +26,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from .errors import StreamMergeError
+from .journal import fsync_file
 
 STORE_NAME = "occupancy.zarr"
 
@@ -55,6 +56,18 @@ class MaskStore(Protocol):
         """The whole mask as a bool tensor of the tensor's shape."""
         ...
 
+    def sync(self, model: int, tensor: str, start: int) -> None:
+        """Make the chunk written at element ``start`` durable."""
+        ...
+
+    def read_range(self, model: int, tensor: str, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of a mask (``start`` a multiple of 8), 1-D bool."""
+        ...
+
+    def kept(self, model: int, tensor: str) -> int | None:
+        """The kept count recorded by :meth:`finish`, or None."""
+        ...
+
 
 def _pack(mask: torch.Tensor) -> np.ndarray:
     return np.packbits(mask.numpy())
@@ -75,6 +88,10 @@ class ZarrMaskStore:
             self.group = zarr.open_group(store=str(path), mode=mode)  # type: ignore[arg-type]
         except FileNotFoundError as e:
             raise StreamMergeError(f"{path}: no occupancy store here") from e
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}  # opening one costs ~1 ms
+        if mode == "r+":  # resuming: drop temp files of writes a crash cut short
+            for p in path.rglob("*.partial"):
+                p.unlink()
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         self.group.attrs.update(dict(attrs))
@@ -90,28 +107,42 @@ class ZarrMaskStore:
             raise ValueError("mask chunks must hold a whole number of bytes")
         numel = int(np.prod(shape, dtype=np.int64))
         nbytes = -(-numel // 8)
-        arr = self.group.create_array(
+        chunk = max(1, min(chunk_elems // 8, nbytes))
+        try:  # resuming: keep the chunks an interrupted run already wrote
+            arr = self._array(model, tensor)
+            if arr.shape == (nbytes,) and arr.chunks == (chunk,):
+                return
+        except KeyError:
+            pass
+        self._arrays[(model, tensor)] = self.group.create_array(
             self._key(model, tensor),
             shape=(nbytes,),
-            chunks=(max(1, min(chunk_elems // 8, nbytes)),),
+            chunks=(chunk,),
             dtype="uint8",
             fill_value=0,
             compressors=ZstdCodec(level=1),
             overwrite=True,
+            attributes={"shape": list(shape), "numel": numel},
         )
-        arr.attrs.update({"shape": list(shape), "numel": numel})
 
     def _array(self, model: int, tensor: str) -> zarr.Array:
-        return self.group[self._key(model, tensor)]  # type: ignore[return-value]
+        if (model, tensor) not in self._arrays:
+            self._arrays[(model, tensor)] = self.group[self._key(model, tensor)]  # type: ignore[assignment]
+        return self._arrays[(model, tensor)]
 
     def write(self, model: int, tensor: str, start: int, mask: torch.Tensor) -> None:
         packed = _pack(mask)
         self._array(model, tensor)[start // 8 : start // 8 + packed.size] = packed
 
+    def read_range(self, model: int, tensor: str, start: int, end: int) -> torch.Tensor:
+        packed = np.asarray(self._array(model, tensor)[start // 8 : -(-end // 8)])
+        return torch.from_numpy(np.unpackbits(packed, count=end - start).astype(bool))
+
     def finish(
         self, model: int, tensor: str, kept: int, info: Mapping[str, Any] | None = None
     ) -> None:
-        self._array(model, tensor).attrs.update({**(info or {}), "kept": int(kept)})
+        arr = self._array(model, tensor)  # one metadata write, not one per key
+        arr.update_attributes({**arr.attrs, **(info or {}), "kept": int(kept)})
 
     def read(self, model: int, tensor: str) -> torch.Tensor:
         try:
@@ -124,6 +155,10 @@ class ZarrMaskStore:
 
     def kept(self, model: int, tensor: str) -> int | None:
         return self._array(model, tensor).attrs.get("kept")  # type: ignore[return-value]
+
+    def sync(self, model: int, tensor: str, start: int) -> None:
+        chunk_bytes = self._array(model, tensor).chunks[0]
+        fsync_file(self.path / self._key(model, tensor) / "c" / str(start // 8 // chunk_bytes))
 
 
 class MemoryMaskStore:
@@ -156,6 +191,16 @@ class MemoryMaskStore:
     ) -> None:
         self.kept_counts[(model, tensor)] = kept
         self.info[(model, tensor)] = dict(info or {})
+
+    def sync(self, model: int, tensor: str, start: int) -> None:
+        pass
+
+    def read_range(self, model: int, tensor: str, start: int, end: int) -> torch.Tensor:
+        packed = self._masks[(model, tensor)][0][start // 8 : -(-end // 8)]
+        return torch.from_numpy(np.unpackbits(packed, count=end - start).astype(bool))
+
+    def kept(self, model: int, tensor: str) -> int | None:
+        return self.kept_counts.get((model, tensor))
 
     def read(self, model: int, tensor: str) -> torch.Tensor:
         if (model, tensor) not in self._masks:

@@ -7,6 +7,7 @@ scheduler asks for a chunk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,17 @@ class ModelFolder:
                 raise InputError(f"{index}: tensor {name!r}: shard {fname!r} does not exist")
             shards.setdefault(fname, []).append(name)  # type: ignore[union-attr]
         return shards
+
+    def fingerprint(self) -> list[tuple[str, int, int, str]]:
+        """(file, size, mtime_ns, sha256 of the header) per shard: what a resume must match."""
+        out = []
+        for fname, f in sorted(self.files.items()):
+            st = f.path.stat()
+            with f.path.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                head = hashlib.sha256(fh.read(n)).hexdigest()
+            out.append((fname, st.st_size, st.st_mtime_ns, head))
+        return out
 
     def info(self, name: str) -> TensorInfo:
         return self.where[name].tensors[name]

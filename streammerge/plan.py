@@ -146,7 +146,11 @@ def build_plan(
 
 
 def check_out_dir(out_dir: Path, inputs: list[Path]) -> None:
-    """OUT_DIR must not be, or be inside, an input folder (we would shadow our own inputs)."""
+    """OUT_DIR must not be, or be inside, an input folder (we would shadow our own inputs).
+
+    What OUT_DIR may already contain (nothing, an interrupted run, a finished merge) is decided
+    under its lock by the engine.
+    """
     out = out_dir.resolve()
     for p in inputs:
         p = p.resolve()
@@ -154,5 +158,3 @@ def check_out_dir(out_dir: Path, inputs: list[Path]) -> None:
             raise StreamMergeError(f"output folder {out_dir} is inside input model folder {p}")
     if out_dir.exists() and not out_dir.is_dir():
         raise StreamMergeError(f"output path {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise StreamMergeError(f"output folder {out_dir} is not empty; choose a new folder")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, StreamMergeError
 
 MAX_HEADER_SIZE = 100_000_000
 """Largest header the reference implementation accepts, in bytes."""
@@ -348,14 +348,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 class ShardWriter:
     """Fills one planned shard at precomputed offsets; renames it into place when complete."""
 
-    def __init__(self, out_dir: Path, plan: ShardPlan) -> None:
+    def __init__(self, out_dir: Path, plan: ShardPlan, resume: bool = False) -> None:
         self.plan = plan
         self.final_path = out_dir / plan.filename
         self.partial_path = out_dir / (plan.filename + ".partial")
         self._by_name = {t.name: t for t in plan.tensors}
+        if resume and self.partial_path.is_file():
+            # continue filling a shard from an interrupted run: it must be the same layout
+            self._fd = os.open(self.partial_path, os.O_RDWR)
+            head = os.pread(self._fd, len(plan.header), 0)
+            if head != plan.header or os.fstat(self._fd).st_size != plan.size:
+                os.close(self._fd)
+                raise StreamMergeError(
+                    f"{self.partial_path} does not match the plan (damaged?); rerun with --restart"
+                )
+            return
         self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, plan.header, 0)
         os.ftruncate(self._fd, plan.size)  # sparse until filled
+
+    def sync(self) -> None:
+        """Make the bytes written so far durable (before the journal says they are)."""
+        os.fdatasync(self._fd)
 
     def write(self, name: str, start_elem: int, data: bytes | memoryview) -> None:
         """Write the bytes of elements starting at ``start_elem`` of tensor ``name``."""

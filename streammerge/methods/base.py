@@ -149,6 +149,11 @@ class Method(Protocol):
         """Called after the last chunk of each statistics pass."""
         ...
 
+    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
+        """Whether merging a chunk needs nothing from earlier chunks of the merge pass (then a
+        resumed run may skip finished chunks; otherwise it redoes the tensor)."""
+        ...
+
     def merge(
         self,
         state: Any,
@@ -205,6 +210,9 @@ class ChunkLocalMethod:
 
     def end_pass(self, state: Any, pass_index: int) -> None:
         raise AssertionError("chunk-local methods have no statistics passes")
+
+    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
+        return True
 
 
 def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:

@@ -95,6 +95,9 @@ class Gta:
             n += 1
         return n
 
+    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
+        return self.sparsifier != "magnitude"  # threshold ties are counted across chunks
+
     def _rescale(self, options: MethodOptions) -> bool:
         return self.default_rescale if options.rescale is None else options.rescale
 

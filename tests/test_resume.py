@@ -1,0 +1,204 @@
+"""Crash safety: SIGKILL at random points then resume gives the bytes of an uninterrupted run;
+SIGTERM/SIGINT stop cleanly; changed plans, finished outputs and concurrent runs are refused.
+
+The kill test runs a real ``streammerge run`` subprocess. Kill times are random but seeded;
+``STREAMMERGE_KILL_POINTS`` raises the number of points (default 10 per recipe).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streammerge import StreamMergeError, run_merge
+from streammerge.journal import STATE_DIR, FolderLock
+from streammerge.synth import LlamaShape, generate_family
+
+SHAPE = LlamaShape(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=2, vocab=4000)
+CHUNK = "16384"
+RECIPES = {
+    "cabs": "merge_method: cabs\nparameters: {n_val: 16, m_val: 64}\n",
+    "dare_ties": "merge_method: dare_ties\nparameters: {density: 0.3, random_seed: 7}\n",
+}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    generate_family(root / "fam", SHAPE, n_finetunes=2, seed=1)
+    return root
+
+
+def write_recipe(root: Path, method: str, weight2: float = 0.8) -> Path:
+    text = RECIPES[method] + (
+        f"base_model: {root}/fam/base\nmodels:\n"
+        f"  - model: {root}/fam/ft1\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {root}/fam/ft2\n    parameters: {{weight: {weight2}}}\n"
+    )
+    path = root / f"{method}-{weight2}.yaml"
+    path.write_text(text)
+    return path
+
+
+def cli(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "streammerge", "run", *map(str, args), "--no-progress"]
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file of a finished output except the marker (it records the wall time) and the
+    run's own bookkeeping, which a kill in the last milliseconds can leave behind."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if p.is_file() and rel.parts[0] not in ("streammerge.json", STATE_DIR, "INCOMPLETE"):
+            files[str(rel)] = p.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(family: Path) -> dict[str, tuple[dict[str, bytes], float]]:
+    """Reference outputs and wall times of uninterrupted runs."""
+    refs = {}
+    for method in RECIPES:
+        out = family / f"ref-{method}"
+        t0 = time.perf_counter()
+        subprocess.run(cli(write_recipe(family, method), out, "--chunk-elems", CHUNK), check=True)
+        refs[method] = (snapshot(out), time.perf_counter() - t0)
+    return refs
+
+
+def kill_after_chunks(proc: subprocess.Popen, out: Path, chunks: int, delay: float) -> None:
+    """SIGKILL ``proc`` once its journal lists ``chunks`` finished chunks, then ``delay`` s."""
+    journal = out / STATE_DIR / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if journal.read_text().count('"chunk"') >= chunks:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def inputs_digest(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in (root / "fam").rglob("*")}
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_sigkill_anywhere_then_resume_is_byte_identical(family, uninterrupted, method, tmp_path):
+    ref, _ = uninterrupted[method]
+    recipe = write_recipe(family, method)
+    points = int(os.environ.get("STREAMMERGE_KILL_POINTS", "10"))
+    rng = random.Random(f"kill-{method}")
+    before = inputs_digest(family)
+    chunks = sum(-(-math.prod(shape) // int(CHUNK)) for _, _, shape in SHAPE.tensor_specs())
+    resumed = 0
+    for i in range(points):
+        out = tmp_path / f"out{i}"
+        proc = subprocess.Popen(cli(recipe, out, "--chunk-elems", CHUNK), stderr=subprocess.PIPE)
+        # kill once the journal holds a random number of chunks, plus a random delay, so the
+        # points spread over the whole merge (and land between journal flushes)
+        kill_after_chunks(proc, out, rng.randint(1, chunks - 1), rng.uniform(0, 0.3))
+        if (out / "streammerge.json").exists():  # killed after completing: nothing to resume
+            assert snapshot(out) == ref, f"kill point {i}"
+            continue
+        assert not (out / "model.safetensors.index.json").exists()
+        done = subprocess.run(
+            cli(recipe, out, "--chunk-elems", CHUNK), capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        resumed += "resumed:" in done.stdout
+        assert snapshot(out) == ref, f"kill point {i}"
+        assert not (out / STATE_DIR).exists() and not (out / "INCOMPLETE").exists()
+    assert resumed >= points - 2  # nearly every kill landed mid-merge, after some progress
+    assert inputs_digest(family) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_and_says_how_to_resume(family, uninterrupted, sig, tmp_path):
+    ref, wall = uninterrupted["cabs"]
+    recipe = write_recipe(family, "cabs")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        cli(recipe, out, "--chunk-elems", CHUNK), stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.6 * wall)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "resume" in err and "Traceback" not in err
+    assert (out / "INCOMPLETE").exists() and not (out / "streammerge.json").exists()
+    subprocess.run(cli(recipe, out, "--chunk-elems", CHUNK), check=True, capture_output=True)
+    assert snapshot(out) == ref
+
+
+def interrupted_run(family: Path, out: Path, wall: float, method: str = "cabs") -> None:
+    proc = subprocess.Popen(cli(write_recipe(family, method), out, "--chunk-elems", CHUNK))
+    time.sleep(0.6 * wall)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / STATE_DIR / "journal.jsonl").exists()
+
+
+def test_changed_recipe_is_refused_then_restart(family, uninterrupted, tmp_path):
+    _, wall = uninterrupted["cabs"]
+    out = tmp_path / "out"
+    interrupted_run(family, out, wall)
+    other = write_recipe(family, "cabs", weight2=0.5)
+    refused = subprocess.run(cli(other, out), capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "the recipe" in refused.stderr and "--restart" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    ok = subprocess.run(cli(other, out, "--restart"), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_changed_input_is_refused(family, uninterrupted, tmp_path):
+    _, wall = uninterrupted["cabs"]
+    out = tmp_path / "out"
+    interrupted_run(family, out, wall)
+    shard = next((family / "fam" / "ft2").glob("*.safetensors"))
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "rewritten"
+    try:
+        refused = subprocess.run(
+            cli(write_recipe(family, "cabs"), out), capture_output=True, text=True
+        )
+        assert refused.returncode == 2
+        assert "ft2" in refused.stderr and "changed" in refused.stderr
+    finally:
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_finished_output_needs_force(family, uninterrupted, tmp_path):
+    ref, _ = uninterrupted["dare_ties"]
+    recipe = write_recipe(family, "dare_ties")
+    out = tmp_path / "out"
+    subprocess.run(cli(recipe, out, "--chunk-elems", CHUNK), check=True, capture_output=True)
+    again = subprocess.run(cli(recipe, out), capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert snapshot(out) == ref  # untouched
+    forced = subprocess.run(
+        cli(recipe, out, "--force", "--chunk-elems", CHUNK), capture_output=True
+    )
+    assert forced.returncode == 0
+    assert snapshot(out) == ref
+
+
+def test_concurrent_run_is_refused(family, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out), pytest.raises(StreamMergeError, match="another streammerge run"):
+        run_merge(write_recipe(family, "cabs"), out)
+    assert not (out / "streammerge.json").exists()

@@ -172,7 +172,7 @@ def _print_summary(s: RunSummary) -> None:
         f"output: {s.out_dir}"
     )
     if s.resumed_chunks:
-        click.echo(f"resumed: {s.resumed_chunks} chunks were already done")
+        click.echo(f"resumed: {s.resumed_chunks} chunks of {s.total_chunks} were already done")
     if s.kept and s.merged_elems:
         kept = [sum(v[k] for v in s.kept.values()) for k in range(len(s.models))]
         click.echo(

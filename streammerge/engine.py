@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import shutil
 import signal
 import sys
@@ -90,6 +91,8 @@ class RunSummary:
     """Elements of the merged (floating-point) tensors, per model."""
     resumed_chunks: int = 0
     """Chunks an interrupted run had finished and this run skipped."""
+    total_chunks: int = 0
+    """Chunks in the plan (merge pass only)."""
 
 
 def run_merge(
@@ -170,6 +173,7 @@ def run_merge(
                 kept=run.kept,
                 merged_elems=sum(t.numel for t in plan.tensors if t.merged),
                 resumed_chunks=run.skipped,
+                total_chunks=sum(len(t.chunks()) for t in plan.tensors),
             )
             marker = {**_marker(recipe, summary), **({"tadrop": tadrop} if tadrop else {})}
             atomic_write_text(out_dir / COMPLETE_MARKER, json.dumps(marker, indent=2))
@@ -463,7 +467,6 @@ class _Run:
         )
         for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
             for _, s, views in self._walk(task, set()):
-                self._check_finite(task, views)
                 method.accumulate(state, p, s, views[0], views[1:])
             method.end_pass(state, p)
         # chunks of an interrupted run are skipped unless the merge pass carries state
@@ -479,16 +482,16 @@ class _Run:
                 self.store.create(k, task.name, task.shape, task.chunk_elems)
                 for ci in skip:
                     s, e = task.chunks()[ci]
-                    kept[k] += int(self.store.read_range(k, task.name, s, e).sum())
+                    kept[k] += int(torch.count_nonzero(self.store.read_range(k, task.name, s, e)))
         for ci, s, views in self._walk(task, skip):
-            self._check_finite(task, views)
             result = method.merge(state, s, views[0], views[1:])
+            self._check_finite(task, result.out, views)
             assert self.writer is not None
             self.writer.write(task.name, s, tensor_bytes(result.out.to(out_dtype)))
             for k, mask in enumerate(result.masks or []):
                 self.store.write(k, task.name, s, mask)
                 self._pending_masks.append((k, task.name, s))
-                kept[k] += int(mask.sum())
+                kept[k] += int(torch.count_nonzero(mask))  # ~30x faster than bool sum
             del views, result
             self._chunk_done(ti, ci)
         if method.sparsifies:
@@ -498,8 +501,16 @@ class _Run:
                 self.store.finish(k, task.name, n, info)
             self.kept[task.name] = kept
 
-    def _check_finite(self, task: TensorTask, views: list[torch.Tensor]) -> None:
-        if self.allow_nonfinite:
+    def _check_finite(self, task: TensorTask, out: torch.Tensor, views: list[torch.Tensor]) -> None:
+        """Fail on NaN/Inf reaching the output, naming the input file that holds them.
+
+        The sum of the (compute dtype) output is NaN/Inf iff some element is, barring an
+        overflow that real weights never reach, and costs ~5% of ``isfinite``; only when it
+        trips are the inputs scanned to name the culprit.
+        """
+        if self.allow_nonfinite or math.isfinite(float(out.sum())):
+            return
+        if bool(torch.isfinite(out).all()):
             return
         for src, v in zip([self.base, *self.models], views, strict=True):
             if not bool(torch.isfinite(v).all()):
@@ -507,6 +518,10 @@ class _Run:
                     f"{src.where[task.name].path}: tensor {task.name!r} contains NaN or Inf "
                     "values; pass --allow-nonfinite to merge it anyway"
                 )
+        raise InputError(
+            f"tensor {task.name!r}: the merge produced NaN or Inf values from finite inputs "
+            "(overflow in the compute dtype?); pass --allow-nonfinite to keep them"
+        )
 
     def _copy_tensor(self, ti: int, task: TensorTask) -> None:
         f = self.base.where[task.name]
@@ -514,7 +529,9 @@ class _Run:
         skip = self.done.chunks.get(ti, set())
         assert self.writer is not None
         for ci, (s, e) in enumerate(task.chunks()):
-            if ci not in skip:
+            if ci in skip:
+                self.skipped += 1
+            else:
                 self.writer.write(task.name, s, f.read_bytes(task.name, s, e))
                 f.release(task.name, s, e)
             self.advance(item * (e - s))

@@ -61,7 +61,7 @@ _PAGE = mmap.PAGESIZE
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """One tensor of a safetensors file."""
+    """One tensor of a safetensors file (an input's, or a planned output shard's)."""
 
     name: str
     dtype: str
@@ -236,29 +236,14 @@ class SafetensorsFile:
 
 
 @dataclass(frozen=True, slots=True)
-class OutTensor:
-    """A tensor's place in a planned output shard."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    """Absolute byte offset of the first element in the shard file."""
-    end: int
-
-    @property
-    def itemsize(self) -> int:
-        return ITEMSIZE[self.dtype]
-
-
-@dataclass(frozen=True, slots=True)
 class ShardPlan:
     """One output file: its name, exact header bytes and tensor offsets."""
 
     filename: str
     header: bytes
     """The 8-byte length prefix plus the padded JSON header."""
-    tensors: tuple[OutTensor, ...]
+    tensors: tuple[TensorInfo, ...]
+    """Each tensor's place in the file (absolute offsets), in file order."""
 
     @property
     def size(self) -> int:
@@ -292,7 +277,7 @@ def shard_layout(specs: Iterable[tuple[str, str, tuple[int, ...]]], filename: st
         for d in shape:
             n *= d
         tensors.append(
-            OutTensor(name, dtype, tuple(shape), len(header) + off, len(header) + off + n)
+            TensorInfo(name, dtype, tuple(shape), len(header) + off, len(header) + off + n)
         )
     return ShardPlan(filename, header, tuple(tensors))
 

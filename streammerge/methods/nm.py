@@ -45,14 +45,16 @@ def nm_select(key: torch.Tensor, n: int, m: int, tail_policy: str) -> torch.Tens
 
 def _select_full_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
     """Top-n per row with ties to the lower column, via the n-th largest value per row."""
-    thr = blocks.topk(n, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+    # the n-th and (n+1)-th largest keys per row: equal means a tie at the threshold
+    top = blocks.topk(n + 1, dim=1, sorted=True).values
+    thr = top[:, n - 1 : n]
     sel = blocks >= thr
     # Rows where more than n keys reach the threshold need the tie rule; usually few.
-    rows = torch.nonzero(sel.sum(dim=1) > n).squeeze(1)
+    rows = torch.nonzero(top[:, n] == top[:, n - 1]).squeeze(1)
     if rows.numel():
         b, t = blocks[rows], thr[rows]
         gt, eq = b > t, b == t
-        need = n - gt.sum(dim=1, keepdim=True)
+        need = n - torch.count_nonzero(gt, dim=1).unsqueeze(1)
         sel[rows] = gt | (eq & (eq.cumsum(dim=1) <= need))
     return sel
 

@@ -97,7 +97,7 @@ def select(key: torch.Tensor, threshold: int, need: int, taken: list[int]) -> to
     if need > taken[0]:
         eq = key == threshold
         sel |= eq & (eq.cumsum(0) <= need - taken[0])
-        taken[0] = min(need, taken[0] + int(eq.sum()))
+        taken[0] = min(need, taken[0] + int(torch.count_nonzero(eq)))
     return sel
 
 

@@ -143,12 +143,12 @@ def run_merge(
                 plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
             tadrop: dict[str, object] = {}
             if recipe.tadrop:  # a sampling pass decides every tensor's density, then re-plan
-                densities, tadrop = tadrop_densities(plan, base, models)
+                densities, tadrop = tadrop_densities(plan, base, models, allow_nonfinite)
                 plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, densities)
             _check_disk(out_dir, plan)
             if not journal.exists():
-                journal.create({**_plan_digest(plan, base, models), "chunk_elems": chunk_elems
-                                or plan.budget.chunk_elems})  # fmt: skip
+                chunk = chunk_elems or plan.budget.chunk_elems
+                journal.create({**_plan_digest(plan, base, models), "chunk_elems": chunk})
                 atomic_write_text(out_dir / INCOMPLETE, INCOMPLETE_TEXT)
             store = mask_store or ZarrMaskStore(
                 out_dir / STORE_NAME, mode="w" if done.empty else "r+"
@@ -303,6 +303,8 @@ class _StopOnSignals:
         self._old: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.signum:  # a second Ctrl-C: stop now (the journal still allows a resume)
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __enter__(self) -> _StopOnSignals:
@@ -579,7 +581,7 @@ def _marker(recipe: Recipe, s: RunSummary) -> dict[str, object]:
 
 
 def tadrop_densities(
-    plan: MergePlan, base: ModelFolder, models: list[ModelFolder]
+    plan: MergePlan, base: ModelFolder, models: list[ModelFolder], allow_nonfinite: bool = False
 ) -> tuple[dict[tuple[int, str], float], dict[str, object]]:
     """streammerge's TADrop (see :mod:`streammerge.tadrop`): per-(model, tensor) densities.
 
@@ -601,7 +603,16 @@ def tadrop_densities(
             b = base.read(task.name, s, e).to(recipe.dtype)
             cut = chunk_sample_slice(s, e - s, task.numel, TadropConfig(0.5).max_sample)
             for k, m in enumerate(models):
-                samples[k].append((m.read(task.name, s, e).to(recipe.dtype) - b)[cut].double())
+                x = (m.read(task.name, s, e).to(recipe.dtype) - b)[cut].double()
+                if not bool(torch.isfinite(x).all()):
+                    if not allow_nonfinite:
+                        bad = m if bool(torch.isfinite(b[cut]).all()) else base
+                        raise InputError(
+                            f"{bad.where[task.name].path}: tensor {task.name!r} contains NaN "
+                            "or Inf values; pass --allow-nonfinite to merge it anyway"
+                        )
+                    x = x[torch.isfinite(x)]  # TADrop's statistics skip them
+                samples[k].append(x)
                 m.where[task.name].release(task.name, s, e)
             base.where[task.name].release(task.name, s, e)
         for k in range(len(models)):

@@ -143,6 +143,7 @@ class ZarrMaskStore:
     ) -> None:
         arr = self._array(model, tensor)  # one metadata write, not one per key
         arr.update_attributes({**arr.attrs, **(info or {}), "kept": int(kept)})
+        fsync_file(self.path / self._key(model, tensor) / "zarr.json")
 
     def read(self, model: int, tensor: str) -> torch.Tensor:
         try:

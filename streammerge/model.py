@@ -57,14 +57,15 @@ class ModelFolder:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"{index}: unreadable index ({e})") from e
-        root = self.path.resolve()
         shards: dict[str, list[str] | None] = {}
         for name, fname in weight_map.items():
-            target = (self.path / fname).resolve()
-            if target.parent != root:
+            # judge the name as written: a plain file name in this folder. (Following links
+            # first would refuse the Hugging Face cache, whose snapshot files link to blobs/.)
+            if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
                 raise InputError(
                     f"{index}: tensor {name!r} points to {fname!r}, outside the model folder"
                 )
+            target = self.path / fname
             if not target.is_file():
                 raise InputError(f"{index}: tensor {name!r}: shard {fname!r} does not exist")
             shards.setdefault(fname, []).append(name)  # type: ignore[union-attr]
@@ -121,4 +122,5 @@ def check_compatible(base: ModelFolder, others: Sequence[ModelFolder]) -> None:
         shown = problems[:20] + (
             [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
         )
-        raise InputError(f"models do not match ({len(problems)} problems): " + "; ".join(shown))
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise InputError(f"models do not match ({count}): " + "; ".join(shown))

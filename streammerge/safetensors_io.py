@@ -363,9 +363,12 @@ class ShardWriter:
         if pos + len(data) > t.end:
             raise ValueError(f"{name}: write past the end of the tensor")
         mv = memoryview(data).cast("B")
-        while mv:
-            n = os.pwrite(self._fd, mv, pos)
-            mv, pos = mv[n:], pos + n
+        try:
+            while mv:
+                n = os.pwrite(self._fd, mv, pos)
+                mv, pos = mv[n:], pos + n
+        except OSError as e:  # name the file: a bare ENOSPC from pwrite carries none
+            raise OSError(e.errno, e.strerror, str(self.partial_path)) from e
 
     def finish(self) -> None:
         """fsync, close and rename ``.partial`` to the final name."""

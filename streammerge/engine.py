@@ -134,6 +134,7 @@ def run_merge(
     try:
         budget = max_memory or default_max_memory()
         plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
+        _refuse_foreign(out_dir)  # before we create anything in it
         _make_dir(out_dir)
         with FolderLock(out_dir):
             journal = Journal(out_dir)
@@ -253,13 +254,22 @@ def _claim_out_dir(
                 f"{explain_mismatch(header, now)} changed); use --restart to discard it"
             )
         return header, done
-    others = [p.name for p in out_dir.iterdir() if p.name not in (STATE_DIR, INCOMPLETE)]
+    _refuse_foreign(out_dir)
+    return {}, Progress()
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    """A non-empty folder that is not a streammerge output is not ours to write into."""
+    if not out_dir.is_dir() or (out_dir / COMPLETE_MARKER).exists():
+        return
+    if (out_dir / STATE_DIR / "journal.jsonl").exists():
+        return
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in (STATE_DIR, INCOMPLETE))
     if others:
         raise StreamMergeError(
             f"output folder {out_dir} is not empty ({others[0]}, ...) and holds no "
-            "interrupted streammerge run; choose a new folder"
+            "streammerge run; choose a new folder"
         )
-    return {}, Progress()
 
 
 def _plan_digest(

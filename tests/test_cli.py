@@ -81,9 +81,9 @@ def test_run_in_a_subprocess(tmp_path, recipe):
     assert ok.returncode == 0, ok.stderr
     assert "merged" in ok.stdout and "peak RSS" in ok.stdout
     assert (out / "streammerge.json").is_file()
-    # the same command again: the output folder is now non-empty
+    # the same command again: the finished output is not overwritten without --force
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert_user_error(again.stderr, again.returncode, "not empty", str(out))
+    assert_user_error(again.stderr, again.returncode, "finished merge", "--force", str(out))
     assert again.stdout == ""
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId
+from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId, kernels
 from streammerge.methods.base import run_chunked
 from streammerge.methods.nm import magnitude_key, nm_select
 
@@ -17,7 +17,7 @@ TAU_A = [0.9, -0.1, 0.4, -0.7, 0.05, 0.3, -0.2, 0.6]
 TAU_B = [0.8, 0.5, -0.3, 0.1, -0.6, 0.2, 0.7, -0.4]
 TAU_C = [-0.2, 0.45, 0.35, -0.05, 0.1, 0.9, -0.8, 0.3]
 CABS = METHODS["cabs"]
-PATHS = ["merge", "reference"]
+PATHS = ["merge", "merge-torch", "reference"]
 
 
 def run_cabs(path, taus, weights, nm, overlap="strict", tail="keep_topn_padded", base=None):
@@ -32,7 +32,12 @@ def call(method, path, base, fts, params, options, dtype=torch.float32, chunk=No
     tid = TensorId("t", base.numel())
     if path == "reference":
         return method.reference(tid, base, fts, params, options, dtype)
-    return run_chunked(method, tid, base, fts, params, options, dtype, chunk)
+    compiled = kernels.HAVE_NUMBA
+    kernels.HAVE_NUMBA = compiled and path == "merge"  # "merge-torch": the fallback
+    try:
+        return run_chunked(method, tid, base, fts, params, options, dtype, chunk)
+    finally:
+        kernels.HAVE_NUMBA = compiled
 
 
 def close(t: torch.Tensor, expected: list[float]) -> bool:

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from streammerge import parse_recipe, read_mask, run_merge
 from streammerge.mask_store import MemoryMaskStore
+from streammerge.methods import kernels
 from streammerge.reference import reference_merge
 
 
@@ -70,9 +71,18 @@ def check_against_reference(recipe, out: Path, chunk_elems: int) -> None:
 CHUNKS = [8, 40, 72, 136, 1000, 10**6]
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def kernel(request, monkeypatch):
+    """Run a test with the numba kernel and with the pure-torch fallback."""
+    if request.param == "compiled" and not kernels.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(kernels, "HAVE_NUMBA", request.param == "compiled")
+    return request.param
+
+
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 4), (16, 64), (5, 12)])
-def test_cabs_two_models(tmp_path, family, chunk, n, m):
+def test_cabs_two_models(tmp_path, family, chunk, n, m, kernel):
     base, fts = family
     recipe = recipe_for(base, fts, n_val=n, m_val=m)
     check_against_reference(recipe, tmp_path / "out", chunk)
@@ -82,7 +92,7 @@ def test_cabs_two_models(tmp_path, family, chunk, n, m):
 @pytest.mark.parametrize("k", [2, 3, 4, 6])
 @pytest.mark.parametrize("overlap", ["strict", "fill"])
 @pytest.mark.parametrize("tail", ["keep_topn_padded", "zero"])
-def test_cabs_k_models_policies(tmp_path, chunk, k, overlap, tail):
+def test_cabs_k_models_policies(tmp_path, chunk, k, overlap, tail, kernel):
     base, fts = make_family(tmp_path / "models", k=k, seed=k, shards=(2, 1, 3))
     # per-model n:m, including models whose blocks are not the same length
     per_model = [

@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from . import kernels
 from .base import (
     ChunkLocal,
     ChunkLocalMethod,
@@ -51,6 +53,8 @@ class Cabs(ChunkLocalMethod):
     ) -> MergeResult:
         params, options, dtype = state.params, state.options, state.dtype
         strict = options.overlap_policy == "strict"
+        if dtype == torch.float32 and kernels.enabled():
+            return _merge_compiled(base, fts, params, options)
         b = base.to(dtype)
         acc = b.clone()
         claimed: torch.Tensor | None = None
@@ -95,6 +99,27 @@ class Cabs(ChunkLocalMethod):
             claimed = claimed | mask
             masks.append(mask)
         return MergeResult(out, masks)
+
+
+def _merge_compiled(
+    base: torch.Tensor,
+    fts: Sequence[torch.Tensor],
+    params: Sequence[ModelParams],
+    options: MethodOptions,
+) -> MergeResult:
+    """The same computation as the torch path, one fused numba pass per model."""
+    b = base.to(torch.float32).contiguous().numpy()
+    acc = b.copy()
+    claimed = np.zeros(b.size, dtype=np.bool_)
+    masks = []
+    for ft, p in zip(fts, params, strict=True):
+        mask = np.empty(b.size, dtype=np.bool_)
+        f = ft.to(torch.float32).contiguous().numpy()
+        kernels.cabs_step(b, f, claimed, mask, acc, p.n, p.m, np.float32(p.weight),
+                          options.overlap_policy == "strict",
+                          options.tail_policy == "keep_topn_padded")  # fmt: skip
+        masks.append(torch.from_numpy(mask))
+    return MergeResult(torch.from_numpy(acc), masks)
 
 
 def reference_nm(

@@ -138,7 +138,9 @@ def run_merge(
         _make_dir(out_dir)
         with FolderLock(out_dir):
             journal = Journal(out_dir)
-            header, done = _claim_out_dir(out_dir, journal, plan, base, models, restart, force)
+            # the digest excludes TADrop's densities: they follow from the inputs and recipe
+            plan_digest = _plan_digest(plan, base, models)
+            header, done = _claim_out_dir(out_dir, journal, plan_digest, restart, force)
             if header.get("chunk_elems") and chunk_elems is None:
                 chunk_elems = header["chunk_elems"]  # resume with the interrupted run's chunks
                 plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
@@ -146,10 +148,14 @@ def run_merge(
             if recipe.tadrop:  # a sampling pass decides every tensor's density, then re-plan
                 densities, tadrop = tadrop_densities(plan, base, models, allow_nonfinite)
                 plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, densities)
+                # the densities used (n/m for CABS), per tensor and model, as on the mask arrays
+                tadrop["densities"] = {
+                    t.name: [p.density for p in t.params] for t in plan.tensors if t.merged
+                }
             _check_disk(out_dir, plan)
             if not journal.exists():
                 chunk = chunk_elems or plan.budget.chunk_elems
-                journal.create({**_plan_digest(plan, base, models), "chunk_elems": chunk})
+                journal.create({**plan_digest, "chunk_elems": chunk})
                 atomic_write_text(out_dir / INCOMPLETE, INCOMPLETE_TEXT)
             store = mask_store or ZarrMaskStore(
                 out_dir / STORE_NAME, mode="w" if done.empty else "r+"
@@ -226,13 +232,7 @@ def _wipe(out_dir: Path) -> None:
 
 
 def _claim_out_dir(
-    out_dir: Path,
-    journal: Journal,
-    plan: MergePlan,
-    base: ModelFolder,
-    models: list[ModelFolder],
-    restart: bool,
-    force: bool,
+    out_dir: Path, journal: Journal, now: Mapping[str, object], restart: bool, force: bool
 ) -> tuple[dict[str, object], Progress]:
     """Decide between a fresh start and a resume; refuse anything that could lose data."""
     if (out_dir / COMPLETE_MARKER).exists():
@@ -247,7 +247,6 @@ def _claim_out_dir(
             _wipe(out_dir)
             return {}, Progress()
         header, done = journal.read()
-        now = _plan_digest(plan, base, models)
         if any(header.get(k) != v for k, v in now.items()):
             raise StreamMergeError(
                 f"{out_dir} holds an interrupted merge of a different plan ("

@@ -408,3 +408,4 @@ def test_tadrop_allocates_recorded_densities_and_matches_reference(tmp_path, met
         assert same_bytes(got[name], expected), name
     marker = json.loads((out / "streammerge.json").read_text())
     assert marker["complete"]
+    assert marker["tadrop"]["densities"]["lm_head.weight"][1] == densities[(1, "lm_head.weight")]

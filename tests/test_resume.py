@@ -202,3 +202,36 @@ def test_concurrent_run_is_refused(family, tmp_path):
     with FolderLock(out), pytest.raises(StreamMergeError, match="another streammerge run"):
         run_merge(write_recipe(family, "cabs"), out)
     assert not (out / "streammerge.json").exists()
+
+
+def test_tadrop_merge_resumes(tmp_path, monkeypatch):
+    """TADrop's densities come from a sampling pass that a resume repeats: same plan, same bytes."""
+    import errno
+
+    from streammerge import parse_recipe
+    from streammerge.safetensors_io import ShardWriter
+
+    base, fts = generate_family(tmp_path / "m", "tiny", n_finetunes=2, seed=3)
+    doc = {
+        "merge_method": "cabs",
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in fts],
+        "parameters": {"n_val": 8, "m_val": 32, "tadrop": 1},
+    }
+    recipe = parse_recipe(doc)
+    run_merge(recipe, tmp_path / "ref", chunk_elems=512, max_memory=2**30)
+    write, calls = ShardWriter.write, []
+
+    def failing_write(self, *args):
+        calls.append(1)
+        if len(calls) > 100:  # after a few whole tensors (journaled at tensor ends)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, *args)
+
+    monkeypatch.setattr(ShardWriter, "write", failing_write)
+    with pytest.raises(StreamMergeError, match="disk full"):
+        run_merge(recipe, tmp_path / "out", chunk_elems=512, max_memory=2**30)
+    monkeypatch.setattr(ShardWriter, "write", write)
+    summary = run_merge(recipe, tmp_path / "out", chunk_elems=512, max_memory=2**30)
+    assert summary.resumed_chunks > 0
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")

@@ -95,9 +95,10 @@ def select(key: torch.Tensor, threshold: int, need: int, taken: list[int]) -> to
     """
     sel = key > threshold
     if need > taken[0]:
-        eq = key == threshold
-        sel |= eq & (eq.cumsum(0) <= need - taken[0])
-        taken[0] = min(need, taken[0] + int(torch.count_nonzero(eq)))
+        # positions of the ties, lowest index first (a few; no chunk-sized cumsum)
+        ties = torch.nonzero(key == threshold).flatten()[: need - taken[0]]
+        sel[ties] = True
+        taken[0] += ties.numel()
     return sel
 
 

@@ -409,3 +409,21 @@ def test_tadrop_allocates_recorded_densities_and_matches_reference(tmp_path, met
     marker = json.loads((out / "streammerge.json").read_text())
     assert marker["complete"]
     assert marker["tadrop"]["densities"]["lm_head.weight"][1] == densities[(1, "lm_head.weight")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_exact_l1_is_exact_and_order_free(dtype):
+    from fractions import Fraction
+
+    from streammerge.methods.select import ExactL1
+
+    g = torch.Generator().manual_seed(1)
+    scale = 10.0 ** torch.randint(-6, 3, (20_011,), generator=g).double()
+    x = (torch.randn(20_011, generator=g) * scale).to(dtype)
+    x[3] = torch.finfo(dtype).tiny / 2 if dtype != torch.bfloat16 else 0  # a subnormal
+    want = sum((Fraction(v) for v in x.double().abs().tolist()), Fraction(0))
+    for step in (20_011, 4_096, 999):
+        acc = ExactL1()
+        for s in reversed(range(0, x.numel(), step)):  # any chunking, any order
+            acc.add(x[s : s + step])
+        assert acc.value() == want

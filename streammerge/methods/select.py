@@ -109,16 +109,35 @@ def key_bits(dtype: torch.dtype) -> int:
 class ExactL1:
     """Exact ``sum(|x|)`` of finite floats, accumulated chunk by chunk in any order.
 
-    Each value is split into a binary exponent and an integer mantissa (from its float64
-    image); mantissas are summed per exponent in int64, which is exact for up to 2^36 values.
+    Each value is split into a binary exponent and an integer mantissa; mantissas are summed
+    per exponent in int64, which is exact for up to 2^39 values (fp32, bf16, fp16: via their
+    exact fp32 image) or 2^36 values (fp64, whose 53-bit mantissa is split in two halves).
+    Work proceeds in slices of 2^20 elements so its temporaries stay small.
     """
+
+    SLICE = 2**20
 
     def __init__(self) -> None:
         self.hi = torch.zeros(2048, dtype=torch.int64)
         self.lo = torch.zeros(2048, dtype=torch.int64)
+        self.f32 = torch.zeros(256, dtype=torch.int64)
 
     def add(self, x: torch.Tensor) -> None:
-        bits = x.double().abs().view(torch.int64)
+        for s in range(0, x.numel(), self.SLICE):
+            part = x[s : s + self.SLICE]
+            if part.dtype == torch.float64:
+                self._add64(part)
+            else:
+                self._add32(part.to(torch.float32))
+
+    def _add32(self, x: torch.Tensor) -> None:
+        bits = x.view(torch.int32) & 0x7FFFFFFF
+        exp = bits >> 23
+        mant = (bits & 0x7FFFFF) | ((exp > 0).to(torch.int32) << 23)
+        self.f32.index_add_(0, exp.clamp_(min=1).long(), mant.long())  # subnormals: exp 1
+
+    def _add64(self, x: torch.Tensor) -> None:
+        bits = x.abs().view(torch.int64)
         exp = bits >> 52
         mant = bits & ((1 << 52) - 1)
         normal = exp > 0
@@ -131,6 +150,8 @@ class ExactL1:
         total = Fraction(0)
         for e in torch.nonzero(self.hi | self.lo).flatten().tolist():
             total += Fraction((int(self.hi[e]) << 26) + int(self.lo[e])) * Fraction(2) ** (e - 1075)
+        for e in torch.nonzero(self.f32).flatten().tolist():
+            total += Fraction(int(self.f32[e])) * Fraction(2) ** (e - 150)
         return total
 
 

@@ -169,10 +169,11 @@ def dare_keep(
         out.fill_(p >= 1.0)
         return out
     g = torch.Generator()
+    u = torch.empty(RNG_BLOCK, dtype=torch.float64)  # reused: no page faults per block
     for blk in range(start // RNG_BLOCK, -(-end // RNG_BLOCK)):
         b0 = blk * RNG_BLOCK
         g.manual_seed(_block_seed(seed, model, tensor_key, blk))
-        u = torch.rand(RNG_BLOCK, generator=g, dtype=torch.float64)
+        torch.rand(RNG_BLOCK, generator=g, dtype=torch.float64, out=u)
         lo, hi = max(start, b0), min(end, b0 + RNG_BLOCK)
         out[lo - start : hi - start] = u[lo - b0 : hi - b0] < p
     return out

@@ -79,7 +79,7 @@ REQUIRED = {"weight": {"task_arithmetic", "ties", "dare_ties", "dare_linear", "m
                        "linear"},
             "density": {"dare_ties", "dare_linear", "magnitude"}}  # fmt: skip
 """As in mergekit: these must be given (per model or globally). CABS weights default to 1.0."""
-DEFAULTS = {"weight": 1.0, "density": 1.0, "lambda": 1.0}
+DEFAULTS = {"weight": 1.0, "density": 1.0}
 STRING_PARAMS = {"tail_policy": TAIL_POLICIES, "overlap_policy": OVERLAP_POLICIES}
 ALIASES = {"n_val": "default_n_val", "m_val": "default_m_val"}  # the CABS PR's global names
 

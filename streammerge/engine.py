@@ -40,7 +40,7 @@ from .journal import (
     fsync_dir,
 )
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore
-from .memory import RssSampler, default_max_memory, format_size, peak_rss, return_freed_memory
+from .memory import RssSampler, default_max_memory, format_size, peak_rss
 from .methods import METHODS, TensorId
 from .model import ModelFolder
 from .plan import MergePlan, TensorTask, build_plan, check_out_dir
@@ -125,7 +125,6 @@ def run_merge(
         allow_nonfinite: let NaN/Inf input values through instead of failing.
     """
     t0 = time.perf_counter()
-    return_freed_memory()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(Path(recipe))
     out_dir = Path(out_dir)

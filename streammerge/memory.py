@@ -7,7 +7,6 @@ Anonymous RSS is ``rss - shared`` in psutil's terms.
 
 from __future__ import annotations
 
-import ctypes
 import re
 import resource
 import threading
@@ -44,22 +43,6 @@ def format_size(n: float) -> str:
 def default_max_memory() -> int:
     """Half of the RAM available now, at least 1 GiB."""
     return max(2**30, psutil.virtual_memory().available // 2)
-
-
-def return_freed_memory() -> None:
-    """Make glibc give large freed blocks back to the kernel at once (Linux/glibc only).
-
-    glibc raises its mmap threshold after each large free, up to 32 MiB, so later chunk
-    temporaries below that size come from the heap and stay in RSS once freed (measured: TIES
-    on the 1b preset peaked at ~100 bytes per chunk element instead of ~45). A fixed 1 MiB
-    threshold keeps every chunk-sized buffer mmapped, so RSS follows what is live.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def current_rss() -> tuple[int, int]:

@@ -75,10 +75,12 @@ class Gta:
         return 8  # masks are stored as packed bits: chunks start on a byte
 
     def work_bytes(self, k: int, itemsize: int) -> int:
-        # base and all K deltas (the sign election needs them together), a sum or divisor,
-        # the int key and comparison results of the selection, bool masks and keeps; the
-        # allocator's slack on top is measured in bench/ (TIES on 1b) and covered by 1.5x
-        return (k + 4) * itemsize + 16 + 4 * k
+        # Live at once: base and all K deltas (the sign election needs them together), a sum
+        # or divisor, the selection's int keys and comparisons, bool masks and keeps: about
+        # (k + 4) * itemsize + 16 + 4k bytes. Measured on the 1b preset, glibc's heap (its
+        # mmap threshold rises to 32 MiB, so chunk temporaries are recycled from the heap and
+        # fragment) held about twice that, so the estimate carries the factor measured.
+        return 2 * (k + 4) * itemsize + 16 + 4 * k
 
     # -- statistics passes -------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """Peak RSS stays inside --max-memory even when single tensors are larger than the budget.
 
-The family's inputs (3 x 243 MB) do not fit the 600 MiB budget, and its embedding and lm_head
-hold 49 M elements each: merging either as a whole tensor in fp32 (base, accumulator, task
+The family's inputs (3 x 308 MB) do not fit the 800 MiB budget, and its embedding and lm_head
+hold 65.5 M elements each: merging either as a whole tensor in fp32 (base, accumulator, task
 vector and selection keys: 16 bytes per element) would alone exceed the budget, so only a
-chunked, page-releasing engine passes.
+chunked, page-releasing engine passes. (The budget counts everything in RSS, including the
+~250 MiB of library pages a freshly installed torch maps.)
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import pytest
 
 from streammerge.synth import LlamaShape, generate_family
 
-BUDGET_MIB = 600
-SHAPE = LlamaShape(hidden=1024, intermediate=2816, layers=2, heads=8, kv_heads=4, vocab=48000)
+BUDGET_MIB = 800
+SHAPE = LlamaShape(hidden=1024, intermediate=2816, layers=2, heads=8, kv_heads=4, vocab=64000)
 
 
 @pytest.fixture(scope="module")

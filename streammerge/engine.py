@@ -253,15 +253,14 @@ def _claim_out_dir(
                 f"{explain_mismatch(header, now)} changed); use --restart to discard it"
             )
         return header, done
-    _refuse_foreign(out_dir)
-    return {}, Progress()
+    return {}, Progress()  # run_merge refused a foreign non-empty folder before locking it
 
 
 def _refuse_foreign(out_dir: Path) -> None:
     """A non-empty folder that is not a streammerge output is not ours to write into."""
     if not out_dir.is_dir() or (out_dir / COMPLETE_MARKER).exists():
         return
-    if (out_dir / STATE_DIR / "journal.jsonl").exists():
+    if Journal(out_dir).exists():
         return
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in (STATE_DIR, INCOMPLETE))
     if others:
@@ -380,16 +379,9 @@ class _Run:
                 self.writer.abort()
             self.journal.close()
 
-    def _bytes(self, task: TensorTask) -> int:
-        passes = 1
-        if task.merged:
-            passes += self.method.stats_passes(task.params, task.options, self.plan.recipe.dtype)
-            passes *= len(self.models) + 1
-        return self.base.info(task.name).nbytes * passes
-
     def _tensor(self, ti: int, task: TensorTask) -> None:
         if task.shard in self.done.shards or ti in self.done.tensors:
-            self.advance(self._bytes(task))
+            self.advance(task.bytes_read)
             self.skipped += len(task.chunks())
             if task.merged and self.method.sparsifies:
                 self.kept[task.name] = [

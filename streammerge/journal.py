@@ -16,6 +16,7 @@ run because every byte written is a deterministic function of the plan.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -145,19 +146,18 @@ class FolderLock:
 
 def fsync_dir(path: Path) -> None:
     """Make renames and creations in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
 
 
 def fsync_file(path: Path) -> None:
     """fsync an existing file (zarr's LocalStore writes atomically but never fsyncs)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return  # an all-zero chunk is not stored at all (write_empty_chunks=False)
+    # an all-zero chunk is not stored at all (write_empty_chunks=False)
+    with contextlib.suppress(FileNotFoundError):
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -46,6 +46,8 @@ class TensorTask:
     """Elements per chunk; a multiple of the method's alignment (for merged tensors)."""
     shard: int
     """Index of the output shard holding this tensor."""
+    bytes_read: int
+    """Input bytes its passes read: every model's bytes per pass (the base's alone if copied)."""
 
     def chunks(self) -> list[tuple[int, int]]:
         """Element ranges ``[start, end)`` covering the flattened tensor, in order."""
@@ -115,7 +117,6 @@ def build_plan(
     names = base.names()
     positions = layer_positions(names)
     rows: list[TensorTask] = []
-    bytes_read = 0
     for name in names:
         info = base.info(name)
         merged = info.is_float and not recipe.excluded(name)
@@ -132,16 +133,17 @@ def build_plan(
             if recipe.out_dtype is not None:
                 out = TORCH_TO_ST[recipe.out_dtype]
             passes = 1 + method.stats_passes(params, options, recipe.dtype)
-            bytes_read += info.nbytes * (k + 1) * passes
+            read = info.nbytes * (k + 1) * passes
         else:
-            bytes_read += info.nbytes
+            read = info.nbytes
         rows.append(
-            TensorTask(name, info.shape, info.numel, out, merged, params, options, chunk, -1)
+            TensorTask(name, info.shape, info.numel, out, merged, params, options, chunk, -1, read)
         )
     shards = plan_shards([(r.name, r.out_dtype, r.shape) for r in rows], shard_size)
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
     tasks = tuple(replace(r, shard=shard_of[r.name]) for r in rows)
     bytes_written = sum(t.end - t.begin for s in shards for t in s.tensors)
+    bytes_read = sum(t.bytes_read for t in tasks)
     return MergePlan(recipe, tasks, shards, budget, bytes_read, bytes_written)
 
 

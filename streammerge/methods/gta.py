@@ -47,6 +47,14 @@ class _State:
     l1: list[tuple[ExactL1, ExactL1]] = field(default_factory=list)
     factors: list[float] = field(default_factory=list)
     """Rescale factors per model (1.0 when not rescaling)."""
+    mag_passes: int = 0
+    """Threshold passes (radix digits, per model when conflict-aware); the L1 pass follows."""
+
+    def topk_model(self, pass_index: int) -> int | None:
+        """Conflict-aware passes find one model's threshold at a time: which one."""
+        if not self.options.conflict_aware:
+            return None
+        return pass_index // (self.mag_passes // len(self.params))
 
 
 class Gta:
@@ -121,6 +129,8 @@ class Gta:
             factors=[1.0] * len(params),
         )
         if self.sparsifier == "magnitude":
+            st.mag_passes = self._magnitude_passes(len(params), dtype, options.conflict_aware)
+        if self.sparsifier == "magnitude":
             bits = key_bits(dtype)
             st.topk = [RadixTopK(int(p.density * tensor.numel), bits) for p in params]
         st.taken = [[0] for _ in params]
@@ -162,11 +172,9 @@ class Gta:
         st = state
         b = base.to(st.dtype)
         deltas = [ft.to(st.dtype) - b for ft in fts]
-        mag_passes = self.stats_passes(st.params, st.options, st.dtype) - int(st.rescale)
-        if pass_index < mag_passes:
-            if st.options.conflict_aware:
-                per_model = mag_passes // len(fts)
-                k = pass_index // per_model
+        if pass_index < st.mag_passes:
+            k = st.topk_model(pass_index)
+            if k is not None:
                 masks = self._masks(st, start, deltas, k)  # earlier models are final
                 key = magnitude_key(deltas[k])
                 for m in masks:
@@ -184,11 +192,11 @@ class Gta:
 
     def end_pass(self, state: _State, pass_index: int) -> None:
         st = state
-        mag_passes = self.stats_passes(st.params, st.options, st.dtype) - int(st.rescale)
         st.taken = [[0] for _ in st.params]  # every pass walks the tensor from the start
-        if pass_index < mag_passes:
-            if st.options.conflict_aware:
-                st.topk[pass_index // (mag_passes // len(st.params))].end_pass()
+        if pass_index < st.mag_passes:
+            k = st.topk_model(pass_index)
+            if k is not None:
+                st.topk[k].end_pass()
             else:
                 for t in st.topk:
                     t.end_pass()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -16,8 +17,13 @@ from safetensors.torch import load_file
 
 from streammerge.cli import main
 
+
 # `family` (conftest): base + ft1 + ft2 under tmp_path/models
-FAST = ["--max-memory", "1GiB", "--shard-size", "2KB", "--no-progress"]
+def fast() -> list[str]:
+    """Small shards, no progress bar, and a budget of 1 GiB on top of what this process holds:
+    CliRunner runs the merge in-process, and the suite's earlier tests grow the process."""
+    budget = psutil.Process().memory_info().rss + 2**30
+    return ["--max-memory", str(budget), "--shard-size", "2KB", "--no-progress"]
 
 
 def write_recipe(path: Path, base: Path, fts: list[Path], **extra) -> Path:
@@ -54,7 +60,7 @@ def assert_user_error(stderr: str, exit_code: int, *fragments: str) -> str:
 
 def test_run_writes_a_sharded_model(tmp_path, recipe, family):
     out = tmp_path / "merged"
-    result = run("run", recipe, out, *FAST)
+    result = run("run", recipe, out, *fast())
     assert result.exit_code == 0, result.output
     assert "merged" in result.stdout and "peak RSS" in result.stdout
     assert result.stderr == ""
@@ -76,7 +82,7 @@ def test_run_writes_a_sharded_model(tmp_path, recipe, family):
 def test_run_in_a_subprocess(tmp_path, recipe):
     """The real console: exit statuses and a clean stderr (CliRunner catches SystemExit)."""
     out = tmp_path / "merged"
-    cmd = [sys.executable, "-m", "streammerge.cli", "run", str(recipe), str(out), *FAST]
+    cmd = [sys.executable, "-m", "streammerge.cli", "run", str(recipe), str(out), *fast()]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "merged" in ok.stdout and "peak RSS" in ok.stdout
@@ -89,7 +95,7 @@ def test_run_in_a_subprocess(tmp_path, recipe):
 
 def test_invalid_recipe_value(tmp_path, family):
     recipe = write_recipe(tmp_path / "r.yaml", *family, parameters={"n_val": 5, "m_val": 4})
-    result = run("run", recipe, tmp_path / "out", *FAST)
+    result = run("run", recipe, tmp_path / "out", *fast())
     assert_user_error(result.stderr, result.exit_code, str(recipe), "n_val")
     assert not (tmp_path / "out").exists()
 
@@ -97,7 +103,7 @@ def test_invalid_recipe_value(tmp_path, family):
 def test_missing_model_folder(tmp_path, family):
     base, fts = family
     recipe = write_recipe(tmp_path / "r.yaml", base, [fts[0], tmp_path / "no-such-model"])
-    result = run("run", recipe, tmp_path / "out", *FAST)
+    result = run("run", recipe, tmp_path / "out", *fast())
     assert_user_error(result.stderr, result.exit_code, "no-such-model")
 
 
@@ -107,7 +113,7 @@ def test_mismatched_shapes_name_folder_tensor_and_shapes(tmp_path, family):
     odd["odd.weight"] = torch.zeros(7, 12, dtype=torch.bfloat16)  # base: (7, 13)
     bad = write_model(tmp_path / "models" / "ft-odd", odd)
     recipe = write_recipe(tmp_path / "r.yaml", base, [fts[0], bad])
-    result = run("run", recipe, tmp_path / "out", *FAST)
+    result = run("run", recipe, tmp_path / "out", *fast())
     assert_user_error(result.stderr, result.exit_code, str(bad), "odd.weight", "[7, 12]", "[7, 13]")
 
 
@@ -117,13 +123,13 @@ def test_pickle_only_model(tmp_path, family):
     pickled.mkdir()
     (pickled / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not a real checkpoint")
     recipe = write_recipe(tmp_path / "r.yaml", base, [fts[0], pickled])
-    result = run("run", recipe, tmp_path / "out", *FAST)
+    result = run("run", recipe, tmp_path / "out", *fast())
     assert_user_error(result.stderr, result.exit_code, "pytorch_model.bin", "safetensors")
 
 
 def test_output_inside_an_input_folder(recipe, family):
     out = family[1][0] / "merged"
-    result = run("run", recipe, out, *FAST)
+    result = run("run", recipe, out, *fast())
     assert_user_error(result.stderr, result.exit_code, "inside")
     assert not out.exists()
 
@@ -132,7 +138,7 @@ def test_non_empty_output_folder(tmp_path, recipe):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = run("run", recipe, out, *FAST)
+    result = run("run", recipe, out, *fast())
     assert_user_error(result.stderr, result.exit_code, "not empty")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -151,7 +157,7 @@ def test_bad_size_string_is_a_usage_error(tmp_path, recipe):
 
 def test_verbose_shows_the_traceback(tmp_path, family):
     recipe = write_recipe(tmp_path / "r.yaml", *family, parameters={"n_val": 5, "m_val": 4})
-    result = run("run", recipe, tmp_path / "out", "--verbose", *FAST)
+    result = run("run", recipe, tmp_path / "out", "--verbose", *fast())
     assert result.exit_code not in (0, 2)
     assert type(result.exception).__name__ == "RecipeError"  # propagates: Python prints it
     assert "n_val" in str(result.exception)
@@ -161,7 +167,7 @@ def test_verbose_shows_the_traceback(tmp_path, family):
 def test_recipe_warning_goes_to_stderr(tmp_path, family):
     recipe = write_recipe(tmp_path / "r.yaml", *family, frobnicate=3)
     out = tmp_path / "out"
-    result = run("run", recipe, out, *FAST)
+    result = run("run", recipe, out, *fast())
     assert result.exit_code == 0, result.output
     warnings = [ln for ln in result.stderr.splitlines() if "frobnicate" in ln]
     assert len(warnings) == 1 and warnings[0].startswith("warning:")
@@ -170,12 +176,13 @@ def test_recipe_warning_goes_to_stderr(tmp_path, family):
 
 
 def test_demo(tmp_path):
-    result = run("demo", tmp_path / "demo")
+    budget = fast()[:2]  # in-process, like run's tests
+    result = run("demo", tmp_path / "demo", *budget)
     assert result.exit_code == 0, result.output
     assert "merged" in result.stdout and "peak RSS" in result.stdout
     assert (tmp_path / "demo" / "recipe.yaml").is_file()
     assert (tmp_path / "demo" / "merged" / "streammerge.json").is_file()
-    again = run("demo", tmp_path / "demo")  # refuses to overwrite its merge
+    again = run("demo", tmp_path / "demo", *budget)  # refuses to overwrite its merge
     assert_user_error(again.stderr, again.exit_code, "already exists")
 
 

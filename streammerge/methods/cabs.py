@@ -108,18 +108,26 @@ def _merge_compiled(
     options: MethodOptions,
 ) -> MergeResult:
     """The same computation as the torch path, one fused numba pass per model."""
-    b = base.to(torch.float32).contiguous().numpy()
-    acc = b.copy()
+    b = _raw(base)
+    acc = np.empty(b.size, dtype=np.float32)
     claimed = np.zeros(b.size, dtype=np.bool_)
     masks = []
-    for ft, p in zip(fts, params, strict=True):
+    for k, (ft, p) in enumerate(zip(fts, params, strict=True)):
         mask = np.empty(b.size, dtype=np.bool_)
-        f = ft.to(torch.float32).contiguous().numpy()
-        kernels.cabs_step(b, f, claimed, mask, acc, p.n, p.m, np.float32(p.weight),
-                          options.overlap_policy == "strict",
+        kernels.cabs_step(b, _raw(ft), claimed, mask, acc, k == 0, p.n, p.m,
+                          np.float32(p.weight), options.overlap_policy == "strict",
                           options.tail_policy == "keep_topn_padded")  # fmt: skip
         masks.append(torch.from_numpy(mask))
+    if not fts:
+        acc[:] = base.to(torch.float32).numpy()
     return MergeResult(torch.from_numpy(acc), masks)
+
+
+def _raw(x: torch.Tensor) -> np.ndarray:
+    """What the kernel reads: bf16 as its uint16 bit patterns (no copy), else float32."""
+    if x.dtype == torch.bfloat16:
+        return x.contiguous().view(torch.uint16).numpy()
+    return x.to(torch.float32).contiguous().numpy()
 
 
 def reference_nm(

@@ -7,6 +7,16 @@ single pass over each block of m elements, in parallel over blocks. It performs 
 float32 operations in the same order (no fastmath), so its bytes equal the torch path's; the
 tests run both against the in-memory reference.
 
+Why it is fast (``bench/kernels.py`` measures each step):
+
+* bf16 inputs are read as raw ``uint16`` straight from the mapped file and widened in
+  registers (a bf16 is the top half of a float32), so no float32 copy of any model's chunk
+  is ever made;
+* the n-th largest key of a block is found by a branch-free binary search over the bits of
+  the key (count the keys >= a candidate, a loop the compiler vectorises), which stops as
+  soon as exactly n keys reach the candidate. A quickselect mispredicts a branch per
+  comparison and ran 5x slower.
+
 numba is optional: without it (or with ``STREAMMERGE_KERNEL=torch``) the torch path runs.
 """
 
@@ -31,85 +41,126 @@ def enabled() -> bool:
 
 if HAVE_NUMBA:
 
-    @numba.njit(cache=True, nogil=True)
-    def _kth_largest(work: np.ndarray, r: int, q: int) -> np.int32:
-        """The q-th largest of ``work[:r]`` (reorders ``work``): iterative quickselect."""
-        lo, hi, k = 0, r - 1, r - q  # k-th smallest, 0-based
-        while lo < hi:
-            pivot = work[(lo + hi) // 2]
-            i, j = lo, hi
-            while i <= j:
-                while work[i] < pivot:
-                    i += 1
-                while work[j] > pivot:
-                    j -= 1
-                if i <= j:
-                    work[i], work[j] = work[j], work[i]
-                    i += 1
-                    j -= 1
-            if k <= j:
-                hi = j
-            elif k >= i:
-                lo = i
-            else:
-                break
-        return work[k]
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _load(src, s, r, bf16, f32, u32) -> None:
+        """``f32[:r] = float32(src[s:s + r])``; ``u32`` aliases ``f32``'s bytes."""
+        if bf16:  # src holds bf16 bit patterns: a bf16 is the top half of a float32
+            for j in range(r):
+                u32[j] = np.uint32(src[s + j]) << np.uint32(16)
+        else:
+            for j in range(r):
+                f32[j] = src[s + j]
+
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _count_ge(u, r, c) -> int:
+        n = 0
+        for j in range(r):
+            n += u[j] >= c
+        return n
 
     @numba.njit(cache=True, nogil=True)
-    def _blocks(base, ft, claimed, mask, acc, n, m, weight, strict, keep_tail, b0, b1) -> None:
+    def _qth_largest(u, r, q) -> tuple[np.uint32, bool]:
+        """The q-th largest of ``u[:r]`` (1 <= q < r), built bit by bit from the top.
+
+        Bits above the highest one in which the block's keys differ are common to all of
+        them and are taken as they are. Returns ``(t, exact)``; ``exact`` means exactly q keys are
+        >= t, so those are the selection and no tie rule is needed.
+        """
+        hi, lo, ones = u[0], u[0], u[0]
+        for j in range(1, r):
+            hi = max(hi, u[j])
+            lo = min(lo, u[j])
+            ones |= u[j]
+        diff = hi ^ lo
+        if diff == 0:
+            return hi, False
+        top = 31
+        while not (diff >> np.uint32(top)) & np.uint32(1):
+            top -= 1
+        # Bits below the lowest one any key has set are zero in every key (a tau computed
+        # from bf16 inputs has at most ~16 significant bits): no need to search them.
+        low = 0
+        while not (ones >> np.uint32(low)) & np.uint32(1):
+            low += 1
+        t = hi & ~((np.uint32(2) << np.uint32(top)) - np.uint32(1)) if top < 31 else np.uint32(0)
+        for bit in range(top, low - 1, -1):
+            c = t | (np.uint32(1) << np.uint32(bit))
+            k = _count_ge(u, r, c)
+            if k >= q:
+                t = c
+                if k == q:
+                    return t, True
+        return t, False
+
+    @numba.njit(cache=True, nogil=True)
+    def _blocks(base, ft, base_bf16, ft_bf16, claimed, mask, acc, first, n, m, weight, strict,
+                keep_tail, b0, b1) -> None:  # fmt: skip
         """Blocks ``[b0, b1)``; scratch is allocated once per call, not per block."""
-        size = base.size
-        tau = np.empty(m, dtype=np.float32)
-        keys = tau.view(np.int32).copy()
-        work = keys.copy()
+        size = acc.size
+        bu = np.empty(m, dtype=np.uint32)
+        bf = bu.view(np.float32)
+        fu = np.empty(m, dtype=np.uint32)
+        ff = fu.view(np.float32)
+        key = np.empty(m, dtype=np.uint32)
+        lax = not strict
         for blk in range(b0, b1):
             s = blk * m
             r = min(s + m, size) - s
             q = n if r == m else (min(n, r) if keep_tail else 0)
+            _load(base, s, r, base_bf16, bf, bu)
+            _load(ft, s, r, ft_bf16, ff, fu)
             for j in range(r):
-                t = ft[s + j] - base[s + j]
-                tau[j] = t
-            bits = tau.view(np.int32)
+                ff[j] = ff[j] - bf[j]  # tau, in place
+            # Unsigned keys ordering like the torch path's signed ones: free positions by
+            # |tau| above every claimed one; claimed ones rank by |tau| (fill) or not at all.
             for j in range(r):
-                k = bits[j] & np.int32(0x7FFFFFFF)
-                if claimed[s + j]:
-                    # strict: below every magnitude; fill: after every free position
-                    k = np.int32(-1) if strict else np.int32(k - np.int32(0x7FFFFFFF) - np.int32(1))
-                keys[j] = k
-                work[j] = k
-            take_all = q >= r and q > 0
-            thr = np.int32(0x7FFFFFFF)
+                mag = fu[j] & np.uint32(0x7FFFFFFF)
+                if not claimed[s + j]:
+                    key[j] = mag | np.uint32(0x80000000)
+                else:
+                    key[j] = np.uint32(0) if strict else mag
+            # Select keys > thr, plus the first ``need`` keys == thr (ties to the lower index).
+            thr = np.uint32(0)
             need = 0
-            if 0 < q < r:
-                thr = _kth_largest(work, r, q)
-                gt = 0
-                for j in range(r):
-                    if keys[j] > thr:
-                        gt += 1
-                need = q - gt
+            if q == 0:
+                thr = np.uint32(0xFFFFFFFF)
+            elif q < r:
+                thr, exact = _qth_largest(key, r, q)
+                if exact:
+                    thr -= np.uint32(1)  # exactly q keys are > thr - 1: no ties to break
+                else:
+                    need = q
+                    for j in range(r):
+                        need -= key[j] > thr
+            else:  # q == r: keep all (thr = 0 would drop keys equal to 0)
+                need = r
+            # branch-free: a mispredicted branch per element costs more than the arithmetic
+            ties = 0
             for j in range(r):
-                kj = keys[j]
-                sel = take_all or kj > thr
-                if not sel and kj == thr and need > 0:
-                    sel = True
-                    need -= 1
                 i = s + j
-                t = tau[j]
-                keep = sel and t != 0 and not (strict and claimed[i])
+                k = key[j]
+                eq = (k == thr) | (q == r)
+                sel = (k > thr) | (eq & (ties < need))
+                ties += eq
+                t = ff[j]
+                c = claimed[i]
+                keep = sel & (t != 0) & (lax | (c ^ True))
                 mask[i] = keep
-                acc[i] = acc[i] + (weight * t) * (np.float32(1.0) if keep else np.float32(0.0))
-                if keep:
-                    claimed[i] = True
+                prev = bf[j] if first else acc[i]
+                acc[i] = prev + (weight * t) * np.float32(keep)
+                claimed[i] = c | keep
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _cabs_step(base, ft, claimed, mask, acc, n, m, weight, strict, keep_tail, parts) -> None:
-        blocks = (base.size + m - 1) // m
+    def _cabs_step(base, ft, base_bf16, ft_bf16, claimed, mask, acc, first, n, m, weight, strict,
+                   keep_tail, parts) -> None:  # fmt: skip
+        blocks = (acc.size + m - 1) // m
         step = (blocks + parts - 1) // parts
         for p in numba.prange(parts):
             b0 = p * step
             b1 = min(blocks, b0 + step)
             if b0 < b1:
-                _blocks(base, ft, claimed, mask, acc, n, m, weight, strict, keep_tail, b0, b1)
+                _blocks(base, ft, base_bf16, ft_bf16, claimed, mask, acc, first, n, m, weight,
+                        strict, keep_tail, b0, b1)  # fmt: skip
 
     def cabs_step(
         base: np.ndarray,
@@ -117,16 +168,20 @@ if HAVE_NUMBA:
         claimed: np.ndarray,
         mask: np.ndarray,
         acc: np.ndarray,
+        first: bool,
         n: int,
         m: int,
         weight: np.float32,
         strict: bool,
         keep_tail: bool,
     ) -> None:
-        """One model of CABS on a chunk (float32 arrays; bool ``claimed``/``mask``).
+        """One model of CABS on a chunk.
 
-        ``mask`` is written; ``acc`` and ``claimed`` are updated in place. Blocks are split
-        into a few contiguous ranges per thread.
+        ``base`` and ``ft`` are float32 arrays or ``uint16`` arrays of bf16 bit patterns.
+        ``mask`` (bool) is written; ``acc`` (float32) and ``claimed`` (bool) are updated in
+        place, except that ``first`` starts ``acc`` from ``base`` instead of reading it.
+        Blocks are split into a few contiguous ranges per thread.
         """
         parts = 4 * numba.get_num_threads()
-        _cabs_step(base, ft, claimed, mask, acc, n, m, weight, strict, keep_tail, parts)
+        _cabs_step(base, ft, base.dtype == np.uint16, ft.dtype == np.uint16, claimed, mask, acc,
+                   first, n, m, weight, strict, keep_tail, parts)  # fmt: skip

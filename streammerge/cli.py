@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .device import DEVICES
 from .engine import DEFAULT_SHARD_SIZE, RunSummary, run_merge
 from .errors import Interrupted, StreamMergeError
 from .memory import format_size, parse_size
@@ -82,6 +83,19 @@ def main() -> None:
 @click.option(
     "--allow-nonfinite", is_flag=True, help="Merge NaN/Inf input values instead of failing."
 )
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="cpu",
+    show_default=True,
+    help="Where the math runs; auto = cuda when a GPU is usable (same bytes either way).",
+)
+@click.option(
+    "--max-vram",
+    callback=_size,
+    metavar="SIZE",
+    help="Peak GPU memory budget with --device cuda (default: 90% of the free VRAM).",
+)
 @_user_errors
 def run(
     recipe: Path,
@@ -93,6 +107,8 @@ def run(
     force: bool,
     allow_nonfinite: bool,
     chunk_elems: int | None,
+    device: str,
+    max_vram: int | None,
 ) -> None:
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR.
 
@@ -116,6 +132,8 @@ def run(
         force=force,
         allow_nonfinite=allow_nonfinite,
         chunk_elems=chunk_elems,
+        device=device,
+        max_vram=max_vram,
     )
     _print_summary(summary)
 

@@ -20,7 +20,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .device import CudaStager, default_max_vram, resolve_device
 from .errors import InputError, Interrupted, StreamMergeError
 from .journal import (
     INCOMPLETE,
@@ -107,6 +109,8 @@ def run_merge(
     restart: bool = False,
     force: bool = False,
     allow_nonfinite: bool = False,
+    device: str = "cpu",
+    max_vram: int | None = None,
 ) -> RunSummary:
     """Merge the recipe's models into ``out_dir``; the library entry point behind ``run``.
 
@@ -123,17 +127,23 @@ def run_merge(
         restart: discard an interrupted run in ``out_dir`` and start over.
         force: replace a finished merge in ``out_dir``.
         allow_nonfinite: let NaN/Inf input values through instead of failing.
+        device: ``cpu``, ``cuda`` or ``auto`` (``cuda`` when available and the method runs
+            there); the bytes are the same either way.
+        max_vram: peak GPU memory budget in bytes (default: 90% of the free VRAM).
     """
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(Path(recipe))
     out_dir = Path(out_dir)
+    dev = resolve_device(device, recipe.method)
+    if dev.type == "cuda" and max_vram is None:
+        max_vram = default_max_vram(dev)
     check_out_dir(out_dir, [recipe.base, *(m.path for m in recipe.models)])
     base = ModelFolder(recipe.base)
     models = [ModelFolder(m.path) for m in recipe.models]
     try:
         budget = max_memory or default_max_memory()
-        plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
+        plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, vram=max_vram)
         _refuse_foreign(out_dir)  # before we create anything in it
         _make_dir(out_dir)
         with FolderLock(out_dir):
@@ -143,11 +153,15 @@ def run_merge(
             header, done = _claim_out_dir(out_dir, journal, plan_digest, restart, force)
             if header.get("chunk_elems") and chunk_elems is None:
                 chunk_elems = header["chunk_elems"]  # resume with the interrupted run's chunks
-                plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
+                plan = build_plan(
+                    recipe, base, models, budget, shard_size, chunk_elems, vram=max_vram
+                )
             tadrop: dict[str, object] = {}
             if recipe.tadrop:  # a sampling pass decides every tensor's density, then re-plan
                 densities, tadrop = tadrop_densities(plan, base, models, allow_nonfinite)
-                plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, densities)
+                plan = build_plan(
+                    recipe, base, models, budget, shard_size, chunk_elems, densities, max_vram
+                )
                 # the densities used (n/m for CABS), per tensor and model, as on the mask arrays
                 tadrop["densities"] = {
                     t.name: [p.density for p in t.params] for t in plan.tensors if t.merged
@@ -162,7 +176,7 @@ def run_merge(
             )
             if done.empty:
                 store.set_attrs(_store_attrs(plan, tadrop))
-            run = _Run(plan, base, models, out_dir, store, journal, done, allow_nonfinite)
+            run = _Run(plan, base, models, out_dir, store, journal, done, allow_nonfinite, dev)
             with RssSampler() as sampler, _StopOnSignals() as stop:
                 run.execute(progress, stop)
             _finalize(plan, out_dir, journal)
@@ -326,8 +340,47 @@ class _StopOnSignals:
             signal.signal(sig, old)  # type: ignore[arg-type]
 
 
+class _Lane:
+    """A background thread running jobs in submission order, at most one at a time.
+
+    ``submit`` first waits for the previous job, so one job runs while the caller prepares
+    the next (and at most one job's buffers are alive besides the caller's); a job's
+    exception surfaces in the caller at the next ``submit`` or ``drain``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._job: Future[None] | None = None
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        self.drain()
+        self._job = self._pool.submit(fn, *args)
+
+    def drain(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        """Wait for the job in flight (its result is the caller's to check first)."""
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+PRELOAD_BUFFER = 4 * 2**20
+"""Scratch bytes for reading ahead with ``pread`` (reused; the pages land in the page cache)."""
+
+
 class _Run:
-    """One execution of a plan, skipping what the journal says is done."""
+    """One execution of a plan, skipping what the journal says is done.
+
+    Three things overlap: the main thread computes chunk i, the ``read`` lane pulls chunk
+    i + 1 into the page cache, and the ``write`` lane writes chunk i - 1 (output bytes,
+    masks, journal). Everything that touches the shard writer, the mask store or the journal
+    runs on the write lane, in order, or on the main thread after draining it.
+    """
 
     def __init__(
         self,
@@ -339,6 +392,7 @@ class _Run:
         journal: Journal,
         done: Progress,
         allow_nonfinite: bool,
+        device: torch.device,
     ) -> None:
         self.plan, self.base, self.models, self.out_dir = plan, base, models, out_dir
         self.store, self.journal, self.done = store, journal, done
@@ -350,6 +404,13 @@ class _Run:
         self._pending: list[dict[str, object]] = []
         self._pending_masks: list[tuple[int, str, int]] = []
         self._last_flush = time.monotonic()
+        self._reads = _Lane("streammerge-read")
+        self._writes = _Lane("streammerge-write")
+        self._buf = bytearray(PRELOAD_BUFFER)
+        self.stager = None
+        if device.type == "cuda":
+            chunk = max((t.chunk_elems for t in plan.tensors if t.merged), default=1)
+            self.stager = CudaStager(device, chunk, len(models) + 1, len(models))
 
     def execute(self, progress: bool, stop: _StopOnSignals) -> None:
         plan = self.plan
@@ -366,14 +427,23 @@ class _Run:
         )
         self.advance = bar.update
         self.stop = stop
+        ok = False
         try:
             for ti, task in enumerate(plan.tensors):
                 self._tensor(ti, task)
                 if last_of_shard[task.shard] == ti and task.shard not in self.done.shards:
                     self._finish_shard(task.shard)
+            self._writes.drain()
             self._flush()
+            ok = True
         finally:
             bar.close()
+            for lane in (self._reads, self._writes):
+                try:
+                    lane.close()
+                except Exception:
+                    if ok:
+                        raise  # otherwise the main thread's error is the one to report
             if self.writer is not None:
                 self._flush()
                 self.writer.abort()
@@ -384,31 +454,36 @@ class _Run:
             self.advance(task.bytes_read)
             self.skipped += len(task.chunks())
             if task.merged and self.method.sparsifies:
+                self._writes.drain()
                 self.kept[task.name] = [
                     self.store.kept(k, task.name) or 0 for k in range(len(self.models))
                 ]
             return
         if self.writer is None or self.writer.plan is not self.plan.shards[task.shard]:
+            self._writes.drain()
             self.writer = ShardWriter(self.out_dir, self.plan.shards[task.shard], resume=True)
         if task.merged:
             self._merge_tensor(ti, task)
         else:
             self._copy_tensor(ti, task)
+        self._writes.submit(self._tensor_done, ti)
+
+    def _tensor_done(self, ti: int) -> None:
         self._pending.append({"tensor": ti})
         self._flush(force=True)
 
-    def _chunk_done(self, ti: int, ci: int) -> None:
-        """Record a finished chunk; flush in batches, and stop here if a signal came."""
-        self._pending.append({"chunk": [ti, ci]})
-        if self.stop.signum:
-            self._flush(force=True)
-            name = signal.Signals(self.stop.signum).name
-            raise Interrupted(
-                f"stopped by {name}; progress is saved in {self.out_dir}. Run the same command "
-                "again to resume.",
-                self.stop.signum,
-            )
-        self._flush()
+    def _check_stop(self) -> None:
+        """On SIGINT/SIGTERM: let the chunk in flight land, journal it, and stop here."""
+        if not self.stop.signum:
+            return
+        self._writes.drain()
+        self._flush(force=True)
+        name = signal.Signals(self.stop.signum).name
+        raise Interrupted(
+            f"stopped by {name}; progress is saved in {self.out_dir}. Run the same command "
+            "again to resume.",
+            self.stop.signum,
+        )
 
     def _flush(self, force: bool = False) -> None:
         """Make written chunks durable, then journal them (never the other way round)."""
@@ -427,6 +502,7 @@ class _Run:
         self._last_flush = time.monotonic()
 
     def _finish_shard(self, shard: int) -> None:
+        self._writes.drain()
         plan = self.plan.shards[shard]
         if self.writer is not None and self.writer.plan is plan:
             self._flush(force=True)
@@ -442,8 +518,30 @@ class _Run:
         fsync_dir(self.out_dir)
         self.journal.append({"shard": shard})
 
+    def _preload(self, task: TensorTask, start: int, end: int) -> None:
+        for src in (self.base, *self.models) if task.merged else (self.base,):
+            src.where[task.name].preload(task.name, start, end, self._buf)
+
+    def _next_read(self, ti: int, ci: int) -> tuple[TensorTask, int, int] | None:
+        """The chunk read after chunk ``ci`` of tensor ``ti`` (the next tensor's first)."""
+        task = self.plan.tensors[ti]
+        chunks = task.chunks()
+        if ci + 1 < len(chunks):
+            return task, *chunks[ci + 1]
+        for nxt in self.plan.tensors[ti + 1 :]:
+            if nxt.shard not in self.done.shards and nxt.numel:
+                return nxt, *nxt.chunks()[0]
+        return None
+
+    def _read_ahead(self, ti: int, ci: int) -> None:
+        """Wait until chunk ``ci`` is in the page cache, then start reading the next one."""
+        self._reads.drain()
+        nxt = self._next_read(ti, ci)
+        if nxt is not None:
+            self._reads.submit(self._preload, *nxt)
+
     def _walk(
-        self, task: TensorTask, skip: set[int]
+        self, ti: int, task: TensorTask, skip: set[int]
     ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
         """Zero-copy views of every model's chunk; pages are released once consumed."""
         sources = [self.base, *self.models]
@@ -454,9 +552,7 @@ class _Run:
                 self.advance(item_bytes * (e - s))
                 self.skipped += 1
                 continue
-            if i + 1 < len(chunks):
-                for src in sources:  # let the kernel read the next chunk while we compute
-                    src.where[task.name].prefetch(task.name, *chunks[i + 1])
+            self._read_ahead(ti, i)
             yield i, s, [src.read(task.name, s, e) for src in sources]
             for src in sources:
                 src.where[task.name].release(task.name, s, e)
@@ -469,7 +565,7 @@ class _Run:
             TensorId(task.name, task.numel), task.params, task.options, recipe.dtype
         )
         for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
-            for _, s, views in self._walk(task, set()):
+            for _, s, views in self._walk(ti, task, set()):
                 method.accumulate(state, p, s, views[0], views[1:])
             method.end_pass(state, p)
         # chunks of an interrupted run are skipped unless the merge pass carries state
@@ -481,42 +577,73 @@ class _Run:
         )
         kept = [0] * len(models)
         if method.sparsifies:
+            self._writes.drain()
             for k in range(len(models)):
                 self.store.create(k, task.name, task.shape, task.chunk_elems)
                 for ci in skip:
                     s, e = task.chunks()[ci]
                     kept[k] += int(torch.count_nonzero(self.store.read_range(k, task.name, s, e)))
-        for ci, s, views in self._walk(task, skip):
+        for ci, s, views in self._walk(ti, task, skip):
+            if self.stager is not None:
+                views = self.stager.to_device(views)
             result = method.merge(state, s, views[0], views[1:])
-            self._check_finite(task, result.out, views)
-            assert self.writer is not None
-            self.writer.write(task.name, s, tensor_bytes(result.out.to(out_dtype)))
-            for k, mask in enumerate(result.masks or []):
-                self.store.write(k, task.name, s, mask)
-                self._pending_masks.append((k, task.name, s))
-                kept[k] += int(torch.count_nonzero(mask))  # ~30x faster than bool sum
+            out, masks = result.out.to(out_dtype), result.masks or []
+            total, ready = result.out.sum(), None  # the sum is NaN/Inf iff an element is
+            if self.stager is not None:
+                out, masks, total, ready = self.stager.to_host(out, masks, total)
             del views, result
-            self._chunk_done(ti, ci)
+            self._writes.submit(self._write_chunk, ti, ci, task, s, out, masks, total, ready, kept)
+            del out, masks
+            self._check_stop()
         if method.sparsifies:
-            for k, n in enumerate(kept):
-                p = task.params[k]
-                info = {"weight": p.weight, "density": p.density, "n": p.n, "m": p.m}
-                self.store.finish(k, task.name, n, info)
-            self.kept[task.name] = kept
+            self._writes.submit(self._masks_done, task, kept)
 
-    def _check_finite(self, task: TensorTask, out: torch.Tensor, views: list[torch.Tensor]) -> None:
+    def _write_chunk(
+        self,
+        ti: int,
+        ci: int,
+        task: TensorTask,
+        start: int,
+        out: torch.Tensor,
+        masks: list[torch.Tensor],
+        total: torch.Tensor,
+        ready: torch.cuda.Event | None,
+        kept: list[int],
+    ) -> None:
+        """Write lane: a merged chunk's bytes and masks; journal it once durable."""
+        if ready is not None:
+            ready.synchronize()  # the GPU's copies into the pinned buffers have landed
+        if not (self.allow_nonfinite or math.isfinite(float(total))):
+            self._check_finite(task, start, out)
+        assert self.writer is not None
+        self.writer.write(task.name, start, tensor_bytes(out))
+        for k, mask in enumerate(masks):
+            self.store.write(k, task.name, start, mask)
+            self._pending_masks.append((k, task.name, start))
+            kept[k] += int(torch.count_nonzero(mask))  # ~30x faster than bool sum
+        self._pending.append({"chunk": [ti, ci]})
+        self._flush()
+
+    def _masks_done(self, task: TensorTask, kept: list[int]) -> None:
+        """Write lane: every chunk of the tensor's masks is stored; record the counts."""
+        for k, n in enumerate(kept):
+            p = task.params[k]
+            info = {"weight": p.weight, "density": p.density, "n": p.n, "m": p.m}
+            self.store.finish(k, task.name, n, info)
+        self.kept[task.name] = kept
+
+    def _check_finite(self, task: TensorTask, start: int, out: torch.Tensor) -> None:
         """Fail on NaN/Inf reaching the output, naming the input file that holds them.
 
-        The sum of the (compute dtype) output is NaN/Inf iff some element is, barring an
-        overflow that real weights never reach, and costs ~5% of ``isfinite``; only when it
-        trips are the inputs scanned to name the culprit.
+        Called when the chunk's sum is not finite (``isfinite`` on every element costs 20x
+        more than the sum, which only a sum overflow could trip falsely); the inputs are read
+        again to name the culprit.
         """
-        if self.allow_nonfinite or math.isfinite(float(out.sum())):
-            return
         if bool(torch.isfinite(out).all()):
             return
-        for src, v in zip([self.base, *self.models], views, strict=True):
-            if not bool(torch.isfinite(v).all()):
+        end = start + out.numel()
+        for src in (self.base, *self.models):
+            if not bool(torch.isfinite(src.read(task.name, start, end)).all()):
                 raise InputError(
                     f"{src.where[task.name].path}: tensor {task.name!r} contains NaN or Inf "
                     "values; pass --allow-nonfinite to merge it anyway"
@@ -530,15 +657,23 @@ class _Run:
         f = self.base.where[task.name]
         item = f.tensors[task.name].itemsize
         skip = self.done.chunks.get(ti, set())
-        assert self.writer is not None
         for ci, (s, e) in enumerate(task.chunks()):
             if ci in skip:
                 self.skipped += 1
             else:
-                self.writer.write(task.name, s, f.read_bytes(task.name, s, e))
-                f.release(task.name, s, e)
+                self._read_ahead(ti, ci)
+                self._writes.submit(self._copy_chunk, ti, ci, task, s, e)
+                self._check_stop()
             self.advance(item * (e - s))
-            self._chunk_done(ti, ci)
+
+    def _copy_chunk(self, ti: int, ci: int, task: TensorTask, start: int, end: int) -> None:
+        """Write lane: copy a chunk of a tensor the merge leaves as it is in the base."""
+        assert self.writer is not None
+        f = self.base.where[task.name]
+        self.writer.write(task.name, start, f.read_bytes(task.name, start, end))
+        f.release(task.name, start, end)
+        self._pending.append({"chunk": [ti, ci]})
+        self._flush()
 
 
 def _finalize(plan: MergePlan, out_dir: Path, journal: Journal) -> None:

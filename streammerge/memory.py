@@ -95,9 +95,9 @@ class Budget:
 
 def bytes_per_element(k_models: int, work_bytes: int) -> float:
     """Peak bytes per chunk element: the mapped inputs (2 bytes each for bf16, K + 1 models),
-    the method's temporaries, the output bytes and packed masks, times 1.5 for allocator slack
-    and the readahead pages we map."""
-    return 1.5 * (2 * (k_models + 1) + work_bytes + 2 + k_models / 8)
+    the method's temporaries, and the previous chunk's output bytes and bool masks still being
+    written in the background, times 1.5 for allocator slack and readahead."""
+    return 1.5 * (2 * (k_models + 1) + work_bytes + 2 + k_models)
 
 
 SAFETY = 64 * 2**20  # headroom for Python objects and the progress bar

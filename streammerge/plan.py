@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .device import host_bytes_per_element, vram_chunk_elems
 from .errors import RecipeError, StreamMergeError
 from .memory import Budget, bytes_per_element, plan_budget
 from .methods import METHODS, MethodOptions, ModelParams
@@ -99,17 +100,26 @@ def build_plan(
     shard_size: int,
     chunk_elems: int | None = None,
     densities: Densities | None = None,
+    vram: int | None = None,
 ) -> MergePlan:
     """Validate the inputs together and lay out the whole merge.
 
     ``chunk_elems`` overrides the budget-derived chunk length (tests use it to split tensors
-    at awkward places); it is still rounded to each tensor's alignment.
+    at awkward places); it is still rounded to each tensor's alignment. ``vram`` (bytes) plans
+    for the GPU: host buffers are sized for pinned staging and chunks also fit the VRAM.
     """
     check_compatible(base, models)
     method = METHODS[recipe.method]
     itemsize = torch.empty(0, dtype=recipe.dtype).element_size()
     k = len(models)
-    if chunk_elems is None:
+    if chunk_elems is None and vram is not None:
+        budget = plan_budget(max_memory, host_bytes_per_element(k))
+        # on the GPU the methods run their torch code, whose temporaries are the larger ones
+        work = max(method.work_bytes(k, itemsize), 3 * itemsize + 16)
+        budget = replace(
+            budget, chunk_elems=min(budget.chunk_elems, vram_chunk_elems(vram, k, work))
+        )
+    elif chunk_elems is None:
         budget = plan_budget(max_memory, bytes_per_element(k, method.work_bytes(k, itemsize)))
     else:  # an explicit chunk length (tests) bypasses the budget
         budget = Budget(max_memory, 0, chunk_elems)

@@ -176,6 +176,7 @@ class SafetensorsFile:
         self.path = path
         self.tensors, self.metadata = read_header(path)
         self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
@@ -205,12 +206,22 @@ class SafetensorsFile:
         b, e = self._byte_range(name, start, end)
         return bytes(self._map()[b:e]) if e > b else b""
 
-    def prefetch(self, name: str, start: int, end: int) -> None:
-        """Ask the kernel to start reading a range we will need soon (non-blocking)."""
+    def preload(self, name: str, start: int, end: int, buf: bytearray) -> None:
+        """Read elements ``[start, end)`` into the page cache (blocking; run it in a thread).
+
+        ``pread`` into a scratch ``buf`` rather than touching the mapping: the pages land in
+        the page cache without being mapped into this process, so a chunk read ahead costs
+        no RSS until it is used. The GIL is released while the kernel reads.
+        """
         b, e = self._byte_range(name, start, end)
-        lo, hi = (b // _PAGE) * _PAGE, e
-        if hi > lo:
-            self._map().madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view = memoryview(buf)
+        while b < e:
+            got = os.preadv(self._fd, [view[: min(len(buf), e - b)]], b)
+            if got <= 0:
+                raise InputError(f"{self.path}: unexpected end of file reading {name!r}")
+            b += got
 
     def release(self, name: str, start: int, end: int) -> None:
         """Drop the mapped pages of a consumed range from this process's RSS.
@@ -229,6 +240,9 @@ class SafetensorsFile:
         if self._mm is not None:
             self._mm.close()
             self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .base import (
     TensorId,
     scalar,
 )
+from .kernels import kernel_input
 from .nm import magnitude_key, nm_select
 
 
@@ -44,8 +45,11 @@ class Cabs(ChunkLocalMethod):
         return math.lcm(8, *(p.m for p in params))
 
     def work_bytes(self, k: int, itemsize: int) -> int:
-        # base, accumulator, tau and int key (4 bytes per element each in fp32), plus bool
-        # masks, top-k values and comparison temporaries
+        if itemsize == 4 and kernels.enabled():
+            # the kernel reads the mapped inputs in place: accumulator, claimed flags, masks
+            return 4 + 1 + k
+        # torch: base, accumulator, tau and int key (itemsize each), plus bool masks, top-k
+        # values and comparison temporaries
         return 3 * itemsize + 4 + 12
 
     def merge(
@@ -53,7 +57,7 @@ class Cabs(ChunkLocalMethod):
     ) -> MergeResult:
         params, options, dtype = state.params, state.options, state.dtype
         strict = options.overlap_policy == "strict"
-        if dtype == torch.float32 and kernels.enabled():
+        if dtype == torch.float32 and kernels.enabled() and base.device.type == "cpu":
             return _merge_compiled(base, fts, params, options)
         b = base.to(dtype)
         acc = b.clone()
@@ -108,26 +112,19 @@ def _merge_compiled(
     options: MethodOptions,
 ) -> MergeResult:
     """The same computation as the torch path, one fused numba pass per model."""
-    b = _raw(base)
+    b = kernel_input(base)
     acc = np.empty(b.size, dtype=np.float32)
     claimed = np.zeros(b.size, dtype=np.bool_)
     masks = []
     for k, (ft, p) in enumerate(zip(fts, params, strict=True)):
         mask = np.empty(b.size, dtype=np.bool_)
-        kernels.cabs_step(b, _raw(ft), claimed, mask, acc, k == 0, p.n, p.m,
+        kernels.cabs_step(b, kernel_input(ft), claimed, mask, acc, k == 0, p.n, p.m,
                           np.float32(p.weight), options.overlap_policy == "strict",
                           options.tail_policy == "keep_topn_padded")  # fmt: skip
         masks.append(torch.from_numpy(mask))
     if not fts:
         acc[:] = base.to(torch.float32).numpy()
     return MergeResult(torch.from_numpy(acc), masks)
-
-
-def _raw(x: torch.Tensor) -> np.ndarray:
-    """What the kernel reads: bf16 as its uint16 bit patterns (no copy), else float32."""
-    if x.dtype == torch.bfloat16:
-        return x.contiguous().view(torch.uint16).numpy()
-    return x.to(torch.float32).contiguous().numpy()
 
 
 def reference_nm(

@@ -23,9 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from . import kernels
 from .base import MergeResult, MethodOptions, ModelParams, TensorId, scalar
+from .kernels import kernel_input
 from .nm import magnitude_key
 from .select import ExactL1, RadixTopK, dare_keep, fsum_abs, key_bits, l1_ratio, select
 
@@ -170,6 +173,21 @@ class Gta:
         fts: Sequence[torch.Tensor],
     ) -> None:
         st = state
+        if (
+            pass_index < st.mag_passes
+            and st.topk_model(pass_index) is None
+            and st.dtype == torch.float32
+            and kernels.enabled()
+        ):  # the compiled histogram: no float32 copies, one pass per model
+            raw = kernel_input(base)
+            for t, ft in zip(st.topk, fts, strict=True):
+                if not t.done:
+                    t.add_counts(
+                        torch.from_numpy(
+                            kernels.magnitude_hist(raw, kernel_input(ft), *t.digit_args())
+                        )
+                    )
+            return
         b = base.to(st.dtype)
         deltas = [ft.to(st.dtype) - b for ft in fts]
         if pass_index < st.mag_passes:
@@ -209,10 +227,60 @@ class Gta:
         self, state: _State, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
     ) -> MergeResult:
         st = state
+        raw = self._kernel_inputs(st, base, fts)
+        if raw is not None:
+            return self._merge_compiled(st, *raw)
         b = base.to(st.dtype)
         deltas = [ft.to(st.dtype, copy=True).sub_(b) for ft in fts]
         masks = self._masks(st, start, deltas, len(fts)) if self.sparsifies else None
         return MergeResult(self._combine(st, b, deltas, masks), masks)
+
+    def _kernel_inputs(
+        self, st: _State, base: torch.Tensor, fts: Sequence[torch.Tensor]
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
+        """The compiled merge's inputs, or None where it does not apply (then torch runs):
+        it covers float32 compute on the CPU, no trim or a plain magnitude trim."""
+        if not (
+            kernels.enabled()
+            and st.dtype == torch.float32
+            and base.device.type == "cpu"
+            and fts
+            and (self.sparsifier == "none" or self.sparsifier == "magnitude")
+            and not (self.sparsifies and st.options.conflict_aware)
+        ):
+            return None
+        raw = kernel_input(base), tuple(kernel_input(ft) for ft in fts)
+        return raw if all(f.dtype == raw[0].dtype for f in raw[1]) else None
+
+    def _merge_compiled(
+        self, st: _State, base: np.ndarray, fts: tuple[np.ndarray, ...]
+    ) -> MergeResult:
+        k = len(fts)
+        if self.sparsifies:
+            thr = np.array([t.threshold for t in st.topk], dtype=np.int64)
+            need = np.array([t.need for t in st.topk], dtype=np.int64)
+        else:
+            thr, need = np.full(k, -1, dtype=np.int64), np.zeros(k, dtype=np.int64)
+        taken = np.array([t[0] for t in st.taken], dtype=np.int64)
+        weights = np.array([p.weight for p in st.params], dtype=np.float32)
+        div = None
+        if st.normalize and not self.consensus:  # as _combine: the float32 sum of the weights
+            total = weights[0]
+            for w in weights[1:]:
+                total = np.float32(total + w)
+            div = float(total) if abs(float(total)) >= 1e-8 else None
+        out, masks, ties = kernels.gta_merge(
+            base, fts, thr, need, taken, self.sparsifies, weights,
+            np.array(st.factors, dtype=np.float32) if st.rescale else None,
+            self.consensus, st.normalize and (self.consensus or div is not None), div,
+            st.options.lambda_,
+        )  # fmt: skip
+        for t, n_ties, nd in zip(st.taken, ties, need, strict=True):
+            t[0] += int(min(n_ties, max(0, nd - t[0])))
+        return MergeResult(
+            torch.from_numpy(out),
+            [torch.from_numpy(m) for m in masks] if self.sparsifies else None,
+        )
 
     def _combine(
         self,

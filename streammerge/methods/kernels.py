@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 try:  # pragma: no cover - exercised whichever way the environment is
     import numba
@@ -37,6 +38,13 @@ except ImportError:  # pragma: no cover
 def enabled() -> bool:
     """Whether the compiled kernel is used (numba importable and not disabled)."""
     return HAVE_NUMBA
+
+
+def kernel_input(x: torch.Tensor) -> np.ndarray:
+    """What the kernels read: bf16 as its uint16 bit patterns (no copy), else float32."""
+    if x.dtype == torch.bfloat16:
+        return x.contiguous().view(torch.uint16).numpy()
+    return x.to(torch.float32).contiguous().numpy()
 
 
 if HAVE_NUMBA:
@@ -185,3 +193,169 @@ if HAVE_NUMBA:
         parts = 4 * numba.get_num_threads()
         _cabs_step(base, ft, base.dtype == np.uint16, ft.dtype == np.uint16, claimed, mask, acc,
                    first, n, m, weight, strict, keep_tail, parts)  # fmt: skip
+
+    HIST_BLOCK = 4096
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _magnitude_hist(base, ft, base_bf16, ft_bf16, shift, prefix, use_prefix, out) -> None:
+        parts = out.shape[0]
+        size = ft.size
+        step = -(-size // parts)
+        for p in numba.prange(parts):
+            h = out[p]
+            bu = np.empty(HIST_BLOCK, dtype=np.uint32)
+            bf = bu.view(np.float32)
+            fu = np.empty(HIST_BLOCK, dtype=np.uint32)
+            ff = fu.view(np.float32)
+            for s in range(p * step, min(size, (p + 1) * step), HIST_BLOCK):
+                r = min(HIST_BLOCK, min(size, (p + 1) * step) - s)
+                _load(base, s, r, base_bf16, bf, bu)
+                _load(ft, s, r, ft_bf16, ff, fu)
+                for j in range(r):
+                    ff[j] = ff[j] - bf[j]
+                for j in range(r):
+                    key = fu[j] & np.uint32(0x7FFFFFFF)
+                    if use_prefix and (key >> np.uint32(shift + 16)) != prefix:
+                        continue
+                    h[(key >> np.uint32(shift)) & np.uint32(0xFFFF)] += 1
+
+    def magnitude_hist(
+        base: np.ndarray, ft: np.ndarray, shift: int, prefix: int | None
+    ) -> np.ndarray:
+        """Histogram (65536 bins, int64) of the 16-bit digit at ``shift`` of the magnitude keys
+        of ``tau = ft - base`` (float32), counting only keys whose higher bits equal
+        ``prefix`` (None: all keys). Inputs as for :func:`cabs_step`."""
+        out = np.zeros((numba.get_num_threads(), 1 << 16), dtype=np.int64)
+        _magnitude_hist(base, ft, base.dtype == np.uint16, ft.dtype == np.uint16, shift,
+                        np.uint32(prefix or 0), prefix is not None, out)  # fmt: skip
+        return out.sum(axis=0)
+
+    @numba.njit(cache=True, nogil=True)
+    def _gta_span(base, fts, bf16, thr, need, start_ties, sparsify, weights, factors, rescale,
+                  consensus, normalize, norm_div, lambda_, out, masks, s0, s1) -> None:  # fmt: skip
+        """Elements ``[s0, s1)``; ``start_ties[k]``: model k's threshold ties before s0."""
+        k_models = len(fts)
+        blk = HIST_BLOCK
+        bu = np.empty(blk, dtype=np.uint32)
+        bf = bu.view(np.float32)
+        fu = np.empty((k_models, blk), dtype=np.uint32)
+        d = fu.view(np.float32)
+        keep = np.empty((k_models, blk), dtype=np.bool_)
+        ties = start_ties.copy()
+        for s in range(s0, s1, blk):
+            r = min(blk, s1 - s)
+            _load(base, s, r, bf16, bf, bu)
+            for k in range(k_models):
+                dk, uk = d[k], fu[k]
+                _load(fts[k], s, r, bf16, dk, uk)
+                for j in range(r):
+                    dk[j] = dk[j] - bf[j]
+                if sparsify:
+                    for j in range(r):  # the magnitude trim, ties to the lower index
+                        key = np.int64(uk[j] & np.uint32(0x7FFFFFFF))
+                        eq = key == thr[k]
+                        sel = (key > thr[k]) | (eq & (ties[k] < need[k]))
+                        ties[k] += eq
+                        m = sel & (dk[j] != 0)
+                        masks[k, s + j] = m
+                        dk[j] = dk[j] * np.float32(m)
+                if rescale:
+                    for j in range(r):
+                        dk[j] = dk[j] * factors[k]
+                for j in range(r):
+                    dk[j] = dk[j] * weights[k]
+            for j in range(r):
+                if consensus:  # sign election on the sum, then the agreeing deltas only
+                    total = d[0, j]
+                    for k in range(1, k_models):
+                        total = total + d[k, j]
+                    positive = total >= 0
+                    for k in range(k_models):
+                        keep[k, j] = (d[k, j] > 0) if positive else (d[k, j] < 0)
+                        d[k, j] = d[k, j] * np.float32(keep[k, j])
+                mixed = d[0, j]
+                for k in range(1, k_models):
+                    mixed = mixed + d[k, j]
+                if normalize and consensus:
+                    div = np.float32(keep[0, j]) * weights[0]
+                    for k in range(1, k_models):
+                        div = div + np.float32(keep[k, j]) * weights[k]
+                    if div == 0:
+                        div = np.float32(1.0)
+                    mixed = mixed / div
+                elif normalize:
+                    mixed = mixed / norm_div
+                out[s + j] = mixed * lambda_ + bf[j]
+
+    @numba.njit(cache=True, nogil=True)
+    def _count_ties(fts, base, bf16, thr, s0, s1, counts) -> None:
+        blk = HIST_BLOCK
+        bu = np.empty(blk, dtype=np.uint32)
+        bf = bu.view(np.float32)
+        fu = np.empty(blk, dtype=np.uint32)
+        ff = fu.view(np.float32)
+        for s in range(s0, s1, blk):
+            r = min(blk, s1 - s)
+            _load(base, s, r, bf16, bf, bu)
+            for k in range(len(fts)):
+                _load(fts[k], s, r, bf16, ff, fu)
+                for j in range(r):
+                    ff[j] = ff[j] - bf[j]
+                for j in range(r):
+                    counts[k] += np.int64(fu[j] & np.uint32(0x7FFFFFFF)) == thr[k]
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _gta_merge(base, fts, bf16, thr, need, taken, sparsify, weights, factors, rescale,
+                   consensus, normalize, norm_div, lambda_, out, masks, tie_total,
+                   parts) -> None:  # fmt: skip
+        size = out.size
+        step = -(-size // parts)
+        k_models = len(fts)
+        before = np.zeros((parts, k_models), dtype=np.int64)
+        if sparsify:  # where each part's threshold ties start, in index order
+            for p in numba.prange(parts):
+                _count_ties(fts, base, bf16, thr, p * step, min(size, (p + 1) * step), before[p])
+        start = np.empty((parts, k_models), dtype=np.int64)
+        run = taken.copy()
+        for p in range(parts):
+            start[p] = run
+            run += before[p]
+        tie_total[:] = run - taken
+        for p in numba.prange(parts):
+            _gta_span(base, fts, bf16, thr, need, start[p], sparsify, weights, factors, rescale,
+                      consensus, normalize, norm_div, lambda_, out, masks, p * step,
+                      min(size, (p + 1) * step))  # fmt: skip
+
+    def gta_merge(
+        base: np.ndarray,
+        fts: tuple[np.ndarray, ...],
+        thr: np.ndarray,
+        need: np.ndarray,
+        taken: np.ndarray,
+        sparsify: bool,
+        weights: np.ndarray,
+        factors: np.ndarray | None,
+        consensus: bool,
+        normalize: bool,
+        norm_div: float | None,
+        lambda_: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The task-arithmetic family's merge of one chunk, for the magnitude trim or none.
+
+        Per model k: ``d = (ft - base) * mask * factor * weight`` with ``mask = (|d| > thr
+        or one of the first need - taken ties) and d != 0``; then the sign election and
+        normalisation of :meth:`Gta._combine`, in its order of float32 operations. All
+        inputs share one dtype (bf16 bits or float32). Returns ``(out, masks, ties)``:
+        ``masks`` is (K, n) bool (empty unless ``sparsify``), ``ties[k]`` the number of keys
+        equal to model k's threshold in the chunk.
+        """
+        n, k = base.size, len(fts)
+        out = np.empty(n, dtype=np.float32)
+        masks = np.empty((k, n) if sparsify else (k, 0), dtype=np.bool_)
+        f32 = np.float32
+        ties = np.zeros(k, dtype=np.int64)
+        _gta_merge(base, fts, base.dtype == np.uint16, thr, need, taken, sparsify,
+                   weights.astype(f32), (factors if factors is not None else weights).astype(f32),
+                   factors is not None, consensus, normalize, f32(norm_div or 1.0), f32(lambda_),
+                   out, masks, ties, 4 * numba.get_num_threads())  # fmt: skip
+        return out, masks, ties

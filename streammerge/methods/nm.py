@@ -33,7 +33,7 @@ def nm_select(key: torch.Tensor, n: int, m: int, tail_policy: str) -> torch.Tens
     """Boolean selection of the top-``n`` keys in each block of ``m`` (1-D ``key``)."""
     size = key.numel()
     full = size - size % m
-    sel = torch.zeros(size, dtype=torch.bool)
+    sel = torch.zeros(size, dtype=torch.bool, device=key.device)
     if n >= m:
         sel[:full] = True
     elif n > 0 and full:
@@ -61,7 +61,7 @@ def _select_full_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
 
 def _select_stable(key: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k of a short 1-D key, ties to the lower index (a stable descending sort)."""
-    sel = torch.zeros(key.numel(), dtype=torch.bool)
+    sel = torch.zeros(key.numel(), dtype=torch.bool, device=key.device)
     order = torch.sort(key, descending=True, stable=True).indices
     sel[order[:k]] = True
     return sel

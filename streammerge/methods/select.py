@@ -68,6 +68,16 @@ class RadixTopK:
             key = key[(key >> (shift + DIGIT)) == self.prefix]
         self.hist += torch.bincount(((key >> shift) & (2**DIGIT - 1)).long(), minlength=2**DIGIT)
 
+    def add_counts(self, hist: torch.Tensor) -> None:
+        """Add a histogram of this pass's digit computed elsewhere (see :meth:`digit_args`)."""
+        if not self.done:
+            self.hist += hist
+
+    def digit_args(self) -> tuple[int, int | None]:
+        """``(shift, prefix)`` of this pass: keys whose bits above ``shift + 16`` equal
+        ``prefix`` (None in the first pass: every key) count in bin ``(key >> shift) & 0xFFFF``."""
+        return self._shift(), self.prefix if self.digit else None
+
     def end_pass(self) -> None:
         if self.done:
             return

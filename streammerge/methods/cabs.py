@@ -48,6 +48,11 @@ class Cabs(ChunkLocalMethod):
         # masks, top-k values and comparison temporaries
         return 3 * itemsize + 4 + 12
 
+    def resident_bytes(self, k: int, itemsize: int) -> int:
+        # the compiled path: base, accumulator and one model's values in the compute dtype,
+        # one bool mask per model and the claimed positions
+        return 3 * itemsize + k + 1
+
     def merge(
         self, state: ChunkLocal, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
     ) -> MergeResult:

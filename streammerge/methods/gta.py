@@ -90,6 +90,11 @@ class Gta:
         # fragment) held about twice that, so the estimate carries the factor measured.
         return 2 * (k + 4) * itemsize + 16 + 4 * k
 
+    def resident_bytes(self, k: int, itemsize: int) -> int:
+        # plain task arithmetic holds the base and the running sum (tests/test_plan.py measures
+        # it); the sparsifiers hold what work_bytes says, heap fragmentation included
+        return 2 * itemsize if self.sparsifier == "none" else self.work_bytes(k, itemsize)
+
     # -- statistics passes -------------------------------------------------------------------
 
     def _magnitude_passes(self, k: int, dtype: torch.dtype, conflict_aware: bool) -> int:

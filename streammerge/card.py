@@ -16,7 +16,7 @@ import yaml
 from . import __version__
 
 if TYPE_CHECKING:
-    from .plan import MergePlan
+    from .plan import MergePlan, TensorTask
     from .recipe import Recipe
 
 CARD_NAME = "README.md"
@@ -91,7 +91,6 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def _varies(tasks: Sequence[object]) -> bool:
-    """Whether any merged tensor's per-model parameters differ from the first one's."""
-    params = {t.params for t in tasks}  # type: ignore[attr-defined]
-    return len(params) > 1
+def _varies(tasks: Sequence[TensorTask]) -> bool:
+    """Whether the per-model parameters differ between merged tensors (gradients, filters)."""
+    return len({t.params for t in tasks}) > 1

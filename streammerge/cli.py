@@ -21,6 +21,7 @@ from . import __version__
 from .engine import DEFAULT_SHARD_SIZE, RunSummary, TensorReport, run_merge
 from .errors import Interrupted, StreamMergeError
 from .memory import format_size, parse_size
+from .planning import PlanReport, describe_plan
 from .recipe import load_recipe
 
 
@@ -211,8 +212,6 @@ def plan(
     Example:
       streammerge plan recipe.yaml merged/ --max-memory 1GiB --tensors
     """
-    from .planning import describe_plan
-
     parsed = load_recipe(recipe)
     report = describe_plan(
         parsed,
@@ -278,8 +277,8 @@ dtype: float32
 """
 
 
-def _print_plan(r: Any, tensors: bool) -> None:
-    """The human-readable plan (``r`` is a :class:`streammerge.planning.PlanReport`)."""
+def _print_plan(r: PlanReport, tensors: bool) -> None:
+    """The plan for people; ``--json`` prints :meth:`PlanReport.to_dict` instead."""
     click.echo(
         f"plan: {r.method} merge of {len(r.models)} model(s) onto {r.base} into {r.out_dir} "
         "(nothing written)"
@@ -299,8 +298,8 @@ def _print_plan(r: Any, tensors: bool) -> None:
         f"disk: {format_size(r.disk_needed)} needed (shards and occupancy store), "
         f"{format_size(r.disk_free)} free"
     )
-    if r.estimated_seconds is not None:
-        c = r.calibration
+    c = r.calibration
+    if r.estimated_seconds is not None and c is not None:
         click.echo(
             f"time (estimated): {r.estimated_seconds:.0f} s (method {c.merge_elems_per_s / 1e6:.1f}"
             f" M elements/s, read {format_size(c.read_bytes_per_s)}/s; calibrated in "

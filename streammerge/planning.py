@@ -152,6 +152,8 @@ def describe_plan(
         warnings.append(f"{out_dir} holds a finished merge: `run` needs --force to replace it")
     elif Journal(out_dir).exists():
         warnings.append(f"{out_dir} holds an interrupted run: `run` resumes it with its chunks")
+        if chunk_elems is None:  # as run_merge does, so the plan shows the chunks it will use
+            chunk_elems = Journal(out_dir).read()[0].get("chunk_elems")
     if recipe.tadrop:
         warnings.append("TADrop densities are decided by a sampling pass when the merge runs")
     base = ModelFolder(recipe.base)

@@ -4,7 +4,8 @@
 every input header, compatibility, the output folder, free disk), builds the same plan, and
 predicts the cost: peak RSS from the method's live bytes per chunk element plus a baseline
 measured in this process after it has run the method once, and wall time from a short
-calibration (the method on a synthetic chunk, a sequential read of one input shard).
+calibration (the method on chunks of the largest tensor's own inputs, a sequential read of one
+input shard for the copied tensors).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,10 +29,10 @@ from .recipe import Recipe, load_recipe
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE
 
 CALIBRATION_ELEMS = 2**20
-"""Elements of the synthetic chunk timed (fewer if the plan's chunks are smaller)."""
+"""Elements per timed chunk (fewer if the plan's chunks are smaller)."""
 WARM_UP_ELEMS = 4096
 CALIBRATION_S = 1.0
-"""Time spent repeating the timed merge, at most (one run always completes)."""
+"""Time spent merging chunks of real input to measure the speed (one chunk always completes)."""
 READ_PROBE_BYTES = 64 * 2**20
 READ_PROBE_S = 0.5
 
@@ -59,9 +59,11 @@ class Calibration:
     """What the timing probes measured on this machine."""
 
     merge_elems_per_s: float
-    """Tensor elements per second through the method (statistics passes included), one chunk."""
+    """Tensor elements per second through the method on real input chunks: mapped pages
+    faulted in, statistics passes, merge, cast to the output dtype."""
     read_bytes_per_s: float
-    """Sequential read speed of one input shard (the page cache may hold it: then optimistic)."""
+    """Sequential read speed of one input shard (for copied tensors; the page cache may hold
+    it: then optimistic)."""
     seconds: float
     """Wall time the probes took."""
 
@@ -164,17 +166,17 @@ def describe_plan(
         need = disk_needed(out_dir, plan)
         free = shutil.disk_usage(_existing_ancestor(out_dir)).free
         t0 = time.perf_counter()
-        timer = _method_timer(plan, base, models)
-        if timer is not None:
-            timer(WARM_UP_ELEMS)  # loads the method's kernels and torch ops: a merger's RSS
+        _warm_up(plan, base, models)
         baseline = current_rss()[0]
-        merge_rate = _merge_speed(timer, plan) if calibrate and timer is not None else None
+        merge_rate = _merge_speed(plan, base, models) if calibrate else None
         read_rate = _read_speed(base) if calibrate else None
         calibration = estimate = None
         if merge_rate is not None and read_rate is not None:
             calibration = Calibration(merge_rate, read_rate, time.perf_counter() - t0)
+            # merging includes reading (the timed chunks faulted in their mapped pages)
             merged = sum(t.numel for t in plan.tensors if t.merged)
-            estimate = merged / merge_rate + plan.bytes_read / read_rate
+            copied = sum(t.bytes_read for t in plan.tensors if not t.merged)
+            estimate = merged / merge_rate + copied / read_rate
         lines = tuple(_line(t, plan) for t in plan.tensors)
         return PlanReport(
             out_dir=out_dir,
@@ -236,45 +238,68 @@ def _predict(plan: MergePlan, base: ModelFolder, models: list[ModelFolder], base
     return predict_peak_rss(baseline, 1, worst)
 
 
-def _method_timer(
-    plan: MergePlan, base: ModelFolder, models: list[ModelFolder]
-) -> Callable[[int], float] | None:
-    """A function running the method on a synthetic n-element chunk shaped like the plan's
-    largest merged tensor (its dtype and parameters); it returns the seconds taken, statistics
-    passes included. None when nothing is merged."""
-    tasks = [t for t in plan.tensors if t.merged]
-    if not tasks:
-        return None
-    task = max(tasks, key=lambda t: t.numel)
+def _largest_merged(plan: MergePlan) -> TensorTask | None:
+    return max((t for t in plan.tensors if t.merged), key=lambda t: t.numel, default=None)
+
+
+def _warm_up(plan: MergePlan, base: ModelFolder, models: list[ModelFolder]) -> None:
+    """Run the method once on a tiny synthetic chunk shaped like the plan's largest tensor:
+    this loads its compiled kernels and torch ops, so the RSS measured next is a merger's.
+    (Synthetic, not the inputs: mapped input pages would inflate that baseline.)"""
+    task = _largest_merged(plan)
+    if task is None:
+        return
     recipe = plan.recipe
     method = METHODS[recipe.method]
-    dtype = FLOAT_DTYPES[base.info(task.name).dtype]
     align = method.alignment(task.params)
+    n = max(align, WARM_UP_ELEMS // align * align)
+    dtype = FLOAT_DTYPES[base.info(task.name).dtype]
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    fts = [(b.float() + torch.randn(n, generator=g) * 1e-3).to(dtype) for _ in models]
+    _merge_chunk(task, recipe, b, fts)
 
-    def run(n: int) -> float:
-        n = max(align, n // align * align)
-        g = torch.Generator().manual_seed(0)
-        b = (torch.randn(n, generator=g) * 0.02).to(dtype)
-        fts = [(b.float() + torch.randn(n, generator=g) * 1e-3).to(dtype) for _ in models]
-        state = method.new_state(TensorId(task.name, n), task.params, task.options, recipe.dtype)
+
+def _merge_chunk(
+    task: TensorTask, recipe: Recipe, b: torch.Tensor, fts: list[torch.Tensor]
+) -> None:
+    """What the engine does to one chunk, as a tensor of its own: statistics passes, merge,
+    cast to the output dtype, kept counts."""
+    method = METHODS[recipe.method]
+    state = method.new_state(TensorId(task.name, b.numel()), task.params, task.options,
+                             recipe.dtype)  # fmt: skip
+    for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
+        method.accumulate(state, p, 0, b, fts)
+        method.end_pass(state, p)
+    result = method.merge(state, 0, b, fts)
+    result.out.to(FLOAT_DTYPES[task.out_dtype])
+    for mask in result.masks or []:
+        torch.count_nonzero(mask)
+
+
+def _merge_speed(plan: MergePlan, base: ModelFolder, models: list[ModelFolder]) -> float | None:
+    """Elements per second through the method on the largest merged tensor's own data, chunk
+    after chunk as the engine goes (mapped pages faulted in, then released), for about 1 s."""
+    task = _largest_merged(plan)
+    if task is None:
+        return None
+    align = METHODS[plan.recipe.method].alignment(task.params)
+    n = max(align, min(CALIBRATION_ELEMS, task.chunk_elems) // align * align)
+    sources = [base, *models]
+    done, spent = 0, 0.0
+    for s in range(0, task.numel, n):
+        e = min(s + n, task.numel)
         t0 = time.perf_counter()
-        for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
-            method.accumulate(state, p, 0, b, fts)
-            method.end_pass(state, p)
-        method.merge(state, 0, b, fts)
-        return (time.perf_counter() - t0) / n
-
-    return run
-
-
-def _merge_speed(timer: Callable[[int], float], plan: MergePlan) -> float:
-    """Elements per second: the best of repeated runs on a chunk of up to 1 Mi elements."""
-    largest = max(min(t.chunk_elems, t.numel) for t in plan.tensors if t.merged)
-    n = min(CALIBRATION_ELEMS, largest)
-    best, deadline = timer(n), time.perf_counter() + CALIBRATION_S
-    while time.perf_counter() < deadline:
-        best = min(best, timer(n))
-    return 1 / max(best, 1e-12)
+        views = [src.read(task.name, s, e) for src in sources]
+        _merge_chunk(task, plan.recipe, views[0], views[1:])
+        spent += time.perf_counter() - t0
+        done += e - s
+        del views
+        for src in sources:
+            src.where[task.name].release(task.name, s, e)
+        if spent >= CALIBRATION_S:
+            break
+    return done / max(spent, 1e-9)
 
 
 def _read_speed(base: ModelFolder) -> float:

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import SHAPES
-from test_cli import assert_user_error, fast, write_recipe
+from test_cli import assert_user_error, fast, fast_budget, write_recipe
 
+from streammerge import run_merge
 from streammerge.cli import main
 from streammerge.planning import describe_plan
 from streammerge.synth import LlamaShape, generate_family
@@ -45,6 +46,7 @@ def hwm():
         if line.startswith("VmHWM:"):
             sys.stderr.write("VmHWM_KiB " + line.split()[1] + "\\n")
 atexit.register(hwm)
+from streammerge import run_merge
 from streammerge.cli import main
 main(sys.argv[1:], prog_name="streammerge")
 """
@@ -142,3 +144,28 @@ def test_plan_reports_a_full_disk(tmp_path, family, monkeypatch):
     result = run("plan", recipe, tmp_path / "out", *fast()[:4], "--no-calibrate")
     assert "peak RSS (predicted)" in result.stdout  # the plan is still shown
     assert_user_error(result.stderr, result.exit_code, "not enough disk space")
+
+
+def test_plan_of_a_finished_or_interrupted_output(tmp_path, family):
+    recipe = write_recipe(tmp_path / "r.yaml", *family)
+    out = tmp_path / "merged"
+
+    class Stop(Exception):
+        pass
+
+    def stop(report):
+        if report.name == "odd.weight":
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_merge(recipe, out, max_memory=fast_budget(), shard_size=2000, chunk_elems=64,
+                  on_tensor=stop)  # fmt: skip
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    plan = run("plan", recipe, out, *fast()[:4], "--json", "--no-calibrate")
+    assert plan.exit_code == 0, plan.output
+    assert "interrupted run" in " ".join(json.loads(plan.stdout)["warnings"])
+    assert json.loads(plan.stdout)["chunk_elems"] == 64  # the interrupted run's chunks
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    assert run("run", recipe, out, *fast()).exit_code == 0
+    done = run("plan", recipe, out, *fast()[:4], "--no-calibrate")
+    assert done.exit_code == 0 and "--force" in done.stderr

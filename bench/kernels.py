@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from streammerge.memory import parse_size  # noqa: E402
-from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId, kernels  # noqa: E402
+from streammerge.memory import parse_size
+from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId, kernels
 
 
 def _time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:

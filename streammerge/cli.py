@@ -1,25 +1,39 @@
-"""Command line: a thin click layer over :func:`streammerge.run_merge`.
+"""Command line: a thin click layer over the library (:func:`streammerge.run_merge`,
+:func:`streammerge.planning.describe_plan`).
 
 User mistakes (:class:`StreamMergeError`) exit with status 2 and one line on stderr; pass
-``--verbose`` for the traceback.
+``--verbose`` for the traceback. "error:" and "warning:" are coloured only on a terminal.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
 from . import __version__
 from .device import DEVICES
-from .engine import DEFAULT_SHARD_SIZE, RunSummary, run_merge
+from .engine import DEFAULT_SHARD_SIZE, RunSummary, TensorReport, run_merge
 from .errors import Interrupted, StreamMergeError
 from .memory import format_size, parse_size
+from .planning import PlanReport, describe_plan
 from .recipe import load_recipe
+
+
+def error(message: str) -> None:
+    """'error: ...' on stderr, red on a terminal (click strips the colour elsewhere)."""
+    click.echo(click.style("error:", fg="red", bold=True) + f" {message}", err=True, color=None)
+
+
+def warning(message: str) -> None:
+    """'warning: ...' on stderr, yellow on a terminal."""
+    click.echo(click.style("warning:", fg="yellow") + f" {message}", err=True, color=None)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -35,7 +49,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except StreamMergeError as e:
             if verbose:
                 raise
-            click.echo(f"error: {e}", err=True)
+            error(str(e))
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -59,25 +73,47 @@ def main() -> None:
     """Merge large models out of core, inside a RAM budget."""
 
 
+def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """RECIPE, OUT_DIR and the options that shape the plan: shared by ``run`` and ``plan``."""
+    for option in reversed(
+        [
+            click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path)),
+            click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path)),
+            click.option(
+                "--max-memory",
+                callback=_size,
+                metavar="SIZE",
+                help="Peak RSS budget, e.g. 1GiB (default: half the available RAM).",
+            ),
+            click.option(
+                "--shard-size",
+                callback=_size,
+                metavar="SIZE",
+                default=str(DEFAULT_SHARD_SIZE),
+                show_default="5GB",
+                help="Maximum size of one output shard.",
+            ),
+            click.option(
+                "--chunk-elems", type=int, hidden=True, help="Force the chunk length (testing)."
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--max-memory",
-    callback=_size,
-    metavar="SIZE",
-    help="Peak RSS budget, e.g. 1GiB (default: half the available RAM).",
-)
-@click.option(
-    "--shard-size",
-    callback=_size,
-    metavar="SIZE",
-    default=str(DEFAULT_SHARD_SIZE),
-    show_default="5GB",
-    help="Maximum size of one output shard.",
-)
+@_merge_options
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-@click.option("--chunk-elems", type=int, hidden=True, help="Force the chunk length (testing).")
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bar and no summary (warnings and errors only)."
+)
+@click.option(
+    "--log-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Append one JSON line per tensor to FILE as it finishes.",
+)
 @click.option("--restart", is_flag=True, help="Discard an interrupted run in OUT_DIR; start over.")
 @click.option("--force", is_flag=True, help="Replace a finished merge in OUT_DIR.")
 @click.option(
@@ -103,6 +139,8 @@ def run(
     max_memory: int | None,
     shard_size: int,
     progress: bool,
+    quiet: bool,
+    log_json: Path | None,
     restart: bool,
     force: bool,
     allow_nonfinite: bool,
@@ -113,29 +151,105 @@ def run(
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR.
 
     An interrupted run (Ctrl-C, a crash, a kill) resumes where it stopped when the same
-    command is run again, and produces the same bytes as an uninterrupted run.
+    command is run again, and produces the same bytes as an uninterrupted run. OUT_DIR gets
+    a model card (README.md) describing the merge.
 
     \b
     Example:
-      streammerge run recipe.yaml merged/ --max-memory 1GiB
+      streammerge run recipe.yaml merged/ --max-memory 1GiB --log-json merge.jsonl
     """
     parsed = load_recipe(recipe)
     for w in parsed.warnings:  # before the heavy work, so a typo is seen at once
-        click.echo(f"warning: {w}", err=True)
-    summary = run_merge(
+        warning(w)
+    log = _open_log(log_json) if log_json is not None else None
+    try:
+        summary = run_merge(
+            parsed,
+            out_dir,
+            max_memory=max_memory,
+            shard_size=shard_size,
+            progress=progress and not quiet,
+            restart=restart,
+            force=force,
+            allow_nonfinite=allow_nonfinite,
+            chunk_elems=chunk_elems,
+            device=device,
+            max_vram=max_vram,
+            on_tensor=None if log is None else functools.partial(_log_tensor, log),
+        )
+    finally:
+        if log is not None:
+            log.close()
+    if not quiet:
+        _print_summary(summary)
+
+
+def _open_log(path: Path) -> IO[str]:
+    try:
+        return path.open("a")
+    except OSError as e:
+        raise StreamMergeError(f"--log-json {path}: {e.strerror}") from e
+
+
+def _log_tensor(log: IO[str], report: TensorReport) -> None:
+    """One JSON line per tensor, flushed at once so a crash or kill loses none."""
+    entry = asdict(report)
+    entry["seconds"] = round(report.seconds, 4)
+    entry["kept"] = list(report.kept) if report.kept is not None else None
+    log.write(json.dumps(entry) + "\n")
+    log.flush()
+
+
+@main.command()
+@_merge_options
+@click.option("--tensors", is_flag=True, help="Also list every tensor and its chunking.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (tensors included).")
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    help="Time the method and the disk (about 2 s) for a wall-time estimate.",
+)
+@_user_errors
+def plan(
+    recipe: Path,
+    out_dir: Path,
+    max_memory: int | None,
+    shard_size: int,
+    chunk_elems: int | None,
+    tensors: bool,
+    as_json: bool,
+    calibrate: bool,
+) -> None:
+    """Check RECIPE and show what `run` would do with OUT_DIR, writing nothing.
+
+    Runs the checks `run` makes before any work (recipe, input headers, output folder, free
+    disk) and prints the plan: tensors merged and copied, their chunks, predicted peak RSS,
+    disk needed and an estimated wall time from a short calibration on this machine.
+
+    \b
+    Example:
+      streammerge plan recipe.yaml merged/ --max-memory 1GiB --tensors
+    """
+    parsed = load_recipe(recipe)
+    report = describe_plan(
         parsed,
         out_dir,
         max_memory=max_memory,
         shard_size=shard_size,
-        progress=progress,
-        restart=restart,
-        force=force,
-        allow_nonfinite=allow_nonfinite,
         chunk_elems=chunk_elems,
-        device=device,
-        max_vram=max_vram,
+        calibrate=calibrate,
     )
-    _print_summary(summary)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for w in report.warnings:
+            warning(w)
+        _print_plan(report, tensors)
+    if not report.disk_ok:
+        raise StreamMergeError(
+            f"not enough disk space in {out_dir}: the output and occupancy store need "
+            f"{format_size(report.disk_needed)}, {format_size(report.disk_free)} is free"
+        )
 
 
 @main.command()
@@ -179,6 +293,46 @@ parameters:
   m_val: 64
 dtype: float32
 """
+
+
+def _print_plan(r: PlanReport, tensors: bool) -> None:
+    """The plan for people; ``--json`` prints :meth:`PlanReport.to_dict` instead."""
+    click.echo(
+        f"plan: {r.method} merge of {len(r.models)} model(s) onto {r.base} into {r.out_dir} "
+        "(nothing written)"
+    )
+    click.echo(
+        f"tensors: {r.merged} merged, {r.copied} copied; {r.chunks} chunks of up to "
+        f"{r.chunk_elems:,} elements; {r.shards} output shard(s)"
+    )
+    click.echo(f"read: {format_size(r.bytes_read)}; write: {format_size(r.bytes_written)}")
+    click.echo(
+        f"peak RSS (predicted): {format_size(r.predicted_peak_rss)} "
+        f"(budget {format_size(r.max_memory)})"
+    )
+    vram = "n/a (cpu)" if r.predicted_peak_vram is None else format_size(r.predicted_peak_vram)
+    click.echo(f"peak VRAM: {vram}")
+    click.echo(
+        f"disk: {format_size(r.disk_needed)} needed (shards and occupancy store), "
+        f"{format_size(r.disk_free)} free"
+    )
+    c = r.calibration
+    if r.estimated_seconds is not None and c is not None:
+        click.echo(
+            f"time (estimated): {r.estimated_seconds:.0f} s (method {c.merge_elems_per_s / 1e6:.1f}"
+            f" M elements/s, read {format_size(c.read_bytes_per_s)}/s; calibrated in "
+            f"{c.seconds:.1f} s)"
+        )
+    if tensors:
+        width = max((len(t.name) for t in r.tensors), default=6)
+        head = f"{'tensor':<{width}}  {'shape':<18} {'action':<6} {'chunk':>12} {'chunks':>6}"
+        click.echo(f"\n{head}")
+        for t in r.tensors:
+            shape = "x".join(map(str, t.shape)) or "()"
+            action = "merge" if t.merged else "copy"
+            click.echo(
+                f"{t.name:<{width}}  {shape:<18} {action:<6} {t.chunk_elems:>12,} {t.chunks:>6}"
+            )
 
 
 def _print_summary(s: RunSummary) -> None:

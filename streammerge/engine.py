@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .card import CARD_NAME, model_card
 from .device import CudaStager, default_max_vram, resolve_device
 from .errors import InputError, Interrupted, StreamMergeError
 from .journal import (
@@ -42,7 +43,7 @@ from .journal import (
     fsync_dir,
 )
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore
-from .memory import RssSampler, default_max_memory, format_size, peak_rss
+from .memory import RssSampler, current_rss, default_max_memory, format_size, peak_rss
 from .methods import METHODS, TensorId
 from .model import ModelFolder
 from .plan import MergePlan, TensorTask, build_plan, check_out_dir
@@ -97,6 +98,26 @@ class RunSummary:
     """Chunks in the plan (merge pass only)."""
 
 
+@dataclass(frozen=True, slots=True)
+class TensorReport:
+    """One finished tensor, as passed to ``run_merge``'s ``on_tensor`` hook."""
+
+    name: str
+    merged: bool
+    """False: copied byte for byte from the base."""
+    chunks: int
+    bytes_read: int
+    """Input bytes its passes read (all models, all passes)."""
+    bytes_written: int
+    """Output bytes of the tensor."""
+    seconds: float
+    """Wall time spent on it in this run."""
+    kept: tuple[int, ...] | None
+    """Kept elements per model in processing order (sparsifying methods), else None."""
+    skipped: bool = False
+    """Done by an interrupted run; this run only skipped it."""
+
+
 def run_merge(
     recipe: Recipe | Path | str,
     out_dir: Path | str,
@@ -111,6 +132,7 @@ def run_merge(
     allow_nonfinite: bool = False,
     device: str = "cpu",
     max_vram: int | None = None,
+    on_tensor: Callable[[TensorReport], None] | None = None,
 ) -> RunSummary:
     """Merge the recipe's models into ``out_dir``; the library entry point behind ``run``.
 
@@ -130,6 +152,8 @@ def run_merge(
         device: ``cpu``, ``cuda`` or ``auto`` (``cuda`` when available and the method runs
             there); the bytes are the same either way.
         max_vram: peak GPU memory budget in bytes (default: 90% of the free VRAM).
+        on_tensor: called with a :class:`TensorReport` as each tensor finishes (or is skipped
+            on resume), in plan order.
     """
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
@@ -167,9 +191,11 @@ def run_merge(
                     t.name: [p.density for p in t.params] for t in plan.tensors if t.merged
                 }
             _check_disk(out_dir, plan)
+            # the model card's date: the day the run started, so a resume writes the same card
+            started = str(header.get("started") or time.strftime("%Y-%m-%d", time.gmtime()))
             if not journal.exists():
                 chunk = chunk_elems or plan.budget.chunk_elems
-                journal.create({**plan_digest, "chunk_elems": chunk})
+                journal.create({**plan_digest, "chunk_elems": chunk, "started": started})
                 atomic_write_text(out_dir / INCOMPLETE, INCOMPLETE_TEXT)
             store = mask_store or ZarrMaskStore(
                 out_dir / STORE_NAME, mode="w" if done.empty else "r+"
@@ -177,9 +203,11 @@ def run_merge(
             if done.empty:
                 store.set_attrs(_store_attrs(plan, tadrop))
             run = _Run(plan, base, models, out_dir, store, journal, done, allow_nonfinite, dev)
+            run.on_tensor = on_tensor
             with RssSampler() as sampler, _StopOnSignals() as stop:
                 run.execute(progress, stop)
             _finalize(plan, out_dir, journal)
+            atomic_write_text(out_dir / CARD_NAME, model_card(recipe, plan, tadrop, started))
             summary = RunSummary(
                 out_dir=out_dir,
                 tensors=len(plan.tensors),
@@ -230,7 +258,7 @@ def _make_dir(out_dir: Path) -> None:
         raise StreamMergeError(f"output folder {out_dir} is not writable: {e.strerror}") from e
 
 
-OUR_FILES = ("model.safetensors.index.json", COMPLETE_MARKER, INCOMPLETE, *COPIED_FILES)
+OUR_FILES = ("model.safetensors.index.json", COMPLETE_MARKER, INCOMPLETE, CARD_NAME, *COPIED_FILES)
 
 
 def _wipe(out_dir: Path) -> None:
@@ -300,6 +328,18 @@ def _plan_digest(
 
 def _check_disk(out_dir: Path, plan: MergePlan) -> None:
     """The output and the mask store must fit on the free disk; say how much is missing."""
+    need = disk_needed(out_dir, plan)
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise StreamMergeError(
+            f"not enough disk space in {out_dir}: the output and occupancy store need "
+            f"{format_size(need)}, {format_size(free)} is free"
+        )
+
+
+def disk_needed(out_dir: Path, plan: MergePlan) -> int:
+    """Bytes still to be written to ``out_dir``: output shards not yet on disk and the
+    occupancy store (one bit per merged element and model; compression only shrinks it)."""
     need = 0
     for s in plan.shards:
         if (out_dir / s.filename).exists():
@@ -309,12 +349,7 @@ def _check_disk(out_dir: Path, plan: MergePlan) -> None:
         need += max(0, s.size - have)
     if METHODS[plan.recipe.method].sparsifies:
         need += sum(t.numel for t in plan.tensors if t.merged) * len(plan.recipe.models) // 8
-    free = shutil.disk_usage(out_dir).free
-    if need > free:
-        raise StreamMergeError(
-            f"not enough disk space in {out_dir}: the output and occupancy store need "
-            f"{format_size(need)}, {format_size(free)} is free"
-        )
+    return need
 
 
 class _StopOnSignals:
@@ -411,6 +446,7 @@ class _Run:
         if device.type == "cuda":
             chunk = max((t.chunk_elems for t in plan.tensors if t.merged), default=1)
             self.stager = CudaStager(device, chunk, len(models) + 1, len(models))
+        self.on_tensor: Callable[[TensorReport], None] | None = None
 
     def execute(self, progress: bool, stop: _StopOnSignals) -> None:
         plan = self.plan
@@ -425,7 +461,7 @@ class _Run:
             desc="merging",
             dynamic_ncols=True,
         )
-        self.advance = bar.update
+        self.advance = _with_rss(bar) if progress else bar.update
         self.stop = stop
         ok = False
         try:
@@ -450,6 +486,7 @@ class _Run:
             self.journal.close()
 
     def _tensor(self, ti: int, task: TensorTask) -> None:
+        t0 = time.perf_counter()
         if task.shard in self.done.shards or ti in self.done.tensors:
             self.advance(task.bytes_read)
             self.skipped += len(task.chunks())
@@ -458,6 +495,7 @@ class _Run:
                 self.kept[task.name] = [
                     self.store.kept(k, task.name) or 0 for k in range(len(self.models))
                 ]
+            self._report(task, t0, skipped=True)
             return
         if self.writer is None or self.writer.plan is not self.plan.shards[task.shard]:
             self._writes.drain()
@@ -466,11 +504,31 @@ class _Run:
             self._merge_tensor(ti, task)
         else:
             self._copy_tensor(ti, task)
-        self._writes.submit(self._tensor_done, ti)
+        self._writes.submit(self._tensor_done, ti, task, t0)
 
-    def _tensor_done(self, ti: int) -> None:
+    def _tensor_done(self, ti: int, task: TensorTask, t0: float) -> None:
+        """Write lane: every chunk of the tensor is written; journal it and report it."""
         self._pending.append({"tensor": ti})
         self._flush(force=True)
+        self._report(task, t0)
+
+    def _report(self, task: TensorTask, t0: float, skipped: bool = False) -> None:
+        if self.on_tensor is None:
+            return
+        kept = self.kept.get(task.name)
+        out = next(t for t in self.plan.shards[task.shard].tensors if t.name == task.name)
+        self.on_tensor(
+            TensorReport(
+                name=task.name,
+                merged=task.merged,
+                chunks=len(task.chunks()),
+                bytes_read=task.bytes_read,
+                bytes_written=out.end - out.begin,
+                seconds=time.perf_counter() - t0,
+                kept=tuple(kept) if kept is not None else None,
+                skipped=skipped,
+            )
+        )
 
     def _check_stop(self) -> None:
         """On SIGINT/SIGTERM: let the chunk in flight land, journal it, and stop here."""
@@ -674,6 +732,25 @@ class _Run:
         f.release(task.name, start, end)
         self._pending.append({"chunk": [ti, ci]})
         self._flush()
+
+
+RSS_REFRESH_S = 0.5
+"""How often the progress bar's RSS figure is refreshed (reading it costs ~20 us)."""
+
+
+def _with_rss(bar: tqdm) -> Callable[[int], None]:
+    """``bar.update`` that also shows this process's current RSS, at most every 0.5 s."""
+    last = 0.0
+
+    def advance(n: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= RSS_REFRESH_S:
+            last = now
+            bar.set_postfix_str(f"RSS {format_size(current_rss()[0])}", refresh=False)
+        bar.update(n)
+
+    return advance
 
 
 def _finalize(plan: MergePlan, out_dir: Path, journal: Journal) -> None:

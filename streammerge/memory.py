@@ -127,3 +127,29 @@ def plan_budget(max_memory: int, per_element: float) -> Budget:
             f"about {format_size(baseline)}; allow at least {format_size(need)}"
         )
     return Budget(max_memory, baseline, min(chunk, MAX_CHUNK_ELEMS))
+
+
+RUN_OVERHEAD = 48 * 2**20
+"""RSS a merge adds on top of a process that has loaded the method's code, whatever the chunk
+size: the zarr store and codecs, the journal, the progress bar, written output pages in flight.
+Measured (tests/test_plan.py checks it): see the README's ``plan`` section."""
+
+
+def resident_per_element(
+    input_itemsizes: int, resident_bytes: int, out_itemsize: int, k_models: int
+) -> float:
+    """Bytes per chunk element live at a merge's peak, without the budget's slack: the mapped
+    input chunk of every model (``input_itemsizes`` summed over base and models), the method's
+    live temporaries, the output bytes, and the previous chunk's output bytes and bool masks
+    still being written in the background."""
+    return input_itemsizes + resident_bytes + 2 * out_itemsize + k_models
+
+
+def predict_peak_rss(baseline: int, chunk_elems: int, per_element: float) -> int:
+    """Predicted peak RSS in bytes of a merge whose largest chunk holds ``chunk_elems`` elements.
+
+    ``baseline`` is the RSS of a process that has imported streammerge and run the method once
+    (``streammerge plan`` measures its own); unlike :func:`plan_budget`, which bounds the peak
+    with slack, this aims at the value itself.
+    """
+    return int(baseline + RUN_OVERHEAD + chunk_elems * per_element)

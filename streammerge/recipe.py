@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,8 @@ class Recipe:
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
     """The recipe as parsed from YAML, for provenance (stored in the occupancy store)."""
     warnings: tuple[str, ...] = ()
+    text: str = field(default="", compare=False)
+    """The recipe file's text as written ("" when parsed from a mapping), for the model card."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -178,7 +180,8 @@ class Recipe:
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file."""
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        doc = yaml.safe_load(text)
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from e
     except yaml.YAMLError as e:
@@ -186,7 +189,7 @@ def load_recipe(path: Path) -> Recipe:
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     try:
-        return parse_recipe(doc, path.parent)
+        return replace(parse_recipe(doc, path.parent), text=text)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -19,11 +20,15 @@ from streammerge.cli import main
 
 
 # `family` (conftest): base + ft1 + ft2 under tmp_path/models
+def fast_budget() -> int:
+    """1 GiB on top of what this process holds: CliRunner runs the merge in-process, and the
+    suite's earlier tests grow the process."""
+    return psutil.Process().memory_info().rss + 2**30
+
+
 def fast() -> list[str]:
-    """Small shards, no progress bar, and a budget of 1 GiB on top of what this process holds:
-    CliRunner runs the merge in-process, and the suite's earlier tests grow the process."""
-    budget = psutil.Process().memory_info().rss + 2**30
-    return ["--max-memory", str(budget), "--shard-size", "2KB", "--no-progress"]
+    """Small shards, no progress bar, and an in-process budget (:func:`fast_budget`)."""
+    return ["--max-memory", str(fast_budget()), "--shard-size", "2KB", "--no-progress"]
 
 
 def write_recipe(path: Path, base: Path, fts: list[Path], **extra) -> Path:
@@ -186,8 +191,119 @@ def test_demo(tmp_path):
     assert_user_error(again.stderr, again.exit_code, "already exists")
 
 
-@pytest.mark.parametrize("command", ["run", "demo"])
+@pytest.mark.parametrize("command", ["run", "demo", "plan"])
 def test_help_shows_an_example(command):
     result = run(command, "--help")
     assert result.exit_code == 0
     assert "Example:" in result.stdout and f"streammerge {command} " in result.stdout
+
+
+def front_matter(card: str) -> dict:
+    """The YAML between the card's opening '---' lines."""
+    assert card.startswith("---\n"), card[:40]
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+def test_model_card(tmp_path, family):
+    base, fts = family
+    (base / "README.md").write_text("the base's own card\n")  # not copied over ours
+    recipe = write_recipe(tmp_path / "r.yaml", base, fts, pruning_order=[str(fts[1]), str(fts[0])])
+    out = tmp_path / "merged"
+    result = run("run", recipe, out, *fast())
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == str(base)
+    assert meta["tags"] == ["merge", "streammerge"] and meta["library_name"] == "transformers"
+    body = card.split("---\n", 2)[2]
+    assert "`cabs`" in body and "2:4" in body
+    assert body.index(str(fts[1])) < body.index(str(fts[0]))  # pruning order
+    assert recipe.read_text() in body  # the recipe verbatim
+    assert time.strftime("%Y-%m-%d", time.gmtime()) in body
+    # written before the completion marker
+    assert (out / "README.md").stat().st_mtime_ns <= (out / "streammerge.json").stat().st_mtime_ns
+
+
+def test_model_card_tadrop_and_densities(tmp_path, family):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", *family, merge_method="ties", parameters={"density": 0.5, "tadrop": 1}
+    )
+    out = tmp_path / "merged"
+    result = run("run", recipe, out, *fast())
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert front_matter(card)["base_model"] == str(family[0])
+    assert "| density |" in card and "## TADrop" in card and "| mean | min | max |" in card
+
+
+def test_quiet_prints_nothing_but_warnings(tmp_path, family):
+    recipe = write_recipe(tmp_path / "r.yaml", *family, frobnicate=3)
+    result = run("run", recipe, tmp_path / "out", *fast()[:4], "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert [ln.split()[0] for ln in result.stderr.splitlines()] == ["warning:"]
+    assert (tmp_path / "out" / "streammerge.json").is_file()
+
+
+def test_progress_shows_rate_eta_and_rss(tmp_path, recipe):
+    result = run("run", recipe, tmp_path / "out", *fast()[:4], "--progress")
+    assert result.exit_code == 0, result.output
+    assert "merging" in result.stderr and "B/s" in result.stderr and "RSS " in result.stderr
+    assert "<" in result.stderr  # tqdm's elapsed<remaining (the ETA)
+
+
+def plan_order(base: Path) -> list[str]:
+    from streammerge.model import ModelFolder
+
+    return ModelFolder(base).names()
+
+
+def test_log_json_one_line_per_tensor(tmp_path, recipe, family):
+    log = tmp_path / "log.jsonl"
+    result = run("run", recipe, tmp_path / "out", *fast(), "--log-json", log)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [e["name"] for e in lines] == plan_order(family[0])
+    assert set(plan_order(family[0])) == set(SHAPES)
+    by_name = {e["name"]: e for e in lines}
+    assert by_name["position_ids"]["merged"] is False and by_name["position_ids"]["kept"] is None
+    odd = by_name["odd.weight"]
+    assert odd["merged"] and odd["bytes_written"] == 91 * 2 and odd["bytes_read"] == 3 * 91 * 2
+    assert len(odd["kept"]) == 2 and 0 < odd["kept"][0] <= 2 * 23  # 2:4 over 23 blocks
+    assert all(e["seconds"] >= 0 and e["chunks"] >= 1 and not e["skipped"] for e in lines)
+    summary = json.loads((tmp_path / "out" / "streammerge.json").read_text())
+    assert sum(e["bytes_written"] for e in lines) == summary["bytes_written"]
+
+
+def test_log_json_marks_tensors_a_resumed_run_skipped(tmp_path, recipe, family):
+    from streammerge import run_merge
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(report):
+        if report.name == "layer.0.norm.weight":
+            raise Stop
+
+    out = tmp_path / "out"
+    with pytest.raises(Stop):
+        run_merge(recipe, out, max_memory=fast_budget(), shard_size=2000, on_tensor=stop_at)
+    log = tmp_path / "log.jsonl"
+    result = run("run", recipe, out, *fast(), "--log-json", log)
+    assert result.exit_code == 0, result.output
+    assert "resumed" in result.stdout
+    skipped = [json.loads(ln)["skipped"] for ln in log.read_text().splitlines()]
+    names = plan_order(family[0])
+    assert skipped == [i <= names.index("layer.0.norm.weight") for i in range(len(names))]
+
+
+def test_colour_only_on_a_terminal(tmp_path, family):
+    bad = write_recipe(tmp_path / "r.yaml", *family, parameters={"n_val": 5, "m_val": 4})
+    plain = run("run", bad, tmp_path / "out", *fast())
+    assert plain.stderr.startswith("error: ") and "\x1b[" not in plain.output
+    # CliRunner(color=True) plays a terminal: click keeps the ANSI codes
+    tty = CliRunner().invoke(main, ["run", str(bad), str(tmp_path / "out"), *fast()], color=True)
+    assert tty.exit_code == 2 and "\x1b[31m" in tty.stderr and "error:" in tty.stderr
+    warn = write_recipe(tmp_path / "w.yaml", *family, frobnicate=3)
+    quiet = run("run", warn, tmp_path / "out2", *fast(), "--quiet")
+    assert quiet.stderr.startswith("warning: ") and "\x1b[" not in quiet.stderr

@@ -118,6 +118,11 @@ class Method(Protocol):
         """Bytes of temporaries per chunk element for k models (sizes chunks to the budget)."""
         ...
 
+    def resident_bytes(self, k: int, itemsize: int) -> int:
+        """Bytes of temporaries per chunk element live at the merge's peak, as measured (predicts
+        peak RSS for ``streammerge plan``; ``work_bytes`` is the budget's safe upper bound)."""
+        ...
+
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
     ) -> int:

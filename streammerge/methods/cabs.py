@@ -52,6 +52,13 @@ class Cabs(ChunkLocalMethod):
         # values and comparison temporaries
         return 3 * itemsize + 4 + 12
 
+    def resident_bytes(self, k: int, itemsize: int) -> int:
+        if itemsize == 4 and kernels.enabled():
+            return self.work_bytes(k, itemsize)  # what the kernel holds is all there is
+        # the torch path: base, accumulator and one model's values in the compute dtype, one
+        # bool mask per model and the claimed positions
+        return 3 * itemsize + k + 1
+
     def merge(
         self, state: ChunkLocal, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
     ) -> MergeResult:

@@ -93,6 +93,13 @@ class Gta:
         # fragment) held about twice that, so the estimate carries the factor measured.
         return 2 * (k + 4) * itemsize + 16 + 4 * k
 
+    def resident_bytes(self, k: int, itemsize: int) -> int:
+        # plain task arithmetic holds the base and the running sum (tests/test_plan.py measures
+        # it); the sparsifiers hold what work_bytes says, heap fragmentation included
+        if self.sparsifier == "none":  # compiled: the float32 result alone
+            return itemsize if itemsize == 4 and kernels.enabled() else 2 * itemsize
+        return self.work_bytes(k, itemsize)
+
     # -- statistics passes -------------------------------------------------------------------
 
     def _magnitude_passes(self, k: int, dtype: torch.dtype, conflict_aware: bool) -> int:

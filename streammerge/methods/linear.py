@@ -32,6 +32,9 @@ class Linear(ChunkLocalMethod):
     def work_bytes(self, k: int, itemsize: int) -> int:
         return 2 * itemsize
 
+    def resident_bytes(self, k: int, itemsize: int) -> int:
+        return 2 * itemsize
+
     def merge(
         self, state: ChunkLocal, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
     ) -> MergeResult:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,8 +100,26 @@ def drop_caches() -> bool:
     return True
 
 
+def evict(paths: Iterable[Path]) -> None:
+    """Flush dirty pages, then drop the clean cached pages of ``paths`` (no root needed).
+
+    ``POSIX_FADV_DONTNEED`` cannot drop pages some process still maps, nor dirty ones (hence
+    the sync first).
+    """
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def measure(
-    cmd: Sequence[str], env: Mapping[str, str] | None = None, interval: float = 0.05
+    cmd: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    interval: float = 0.05,
+    stdout: int | None = None,
 ) -> dict[str, object]:
     """Run ``cmd`` to completion and return its timings and memory peaks.
 
@@ -109,12 +127,13 @@ def measure(
     (sampled, summed over the process tree, MiB), ``maxrss_mib`` (exact ``ru_maxrss`` of the
     largest process, MiB), ``user_s`` / ``sys_s`` (CPU seconds, child and waited-for
     descendants), ``samples``, ``processes`` (distinct pids seen) and ``returncode``
-    (negative signal number if killed by a signal).
+    (negative signal number if killed by a signal). ``stdout`` is passed to ``Popen`` (e.g.
+    ``2`` sends the command's output to our stderr).
     """
     peaks = _Peaks()
     stop = threading.Event()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), env=None if env is None else dict(env))
+    proc = subprocess.Popen(list(cmd), env=None if env is None else dict(env), stdout=stdout)
     sampler = threading.Thread(
         target=_sample_loop, args=(proc.pid, interval, stop, peaks), daemon=True
     )

@@ -28,12 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import RECIPES  # noqa: E402
-
-
-def merge_cmd(recipe: Path, out: Path, max_memory: str) -> list[str]:
-    return [sys.executable, "-m", "streammerge", "run", str(recipe), str(out),
-            "--max-memory", max_memory, "--no-progress"]  # fmt: skip
+from run import RECIPES, ensure_family, merge_cmd, write_recipe  # noqa: E402
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -54,11 +49,8 @@ def main() -> int:
     ap.add_argument("--root", type=Path, default=Path("/tmp/sm-bench"))
     args = ap.parse_args()
 
-    family = args.root / args.preset
-    subprocess.run([sys.executable, str(HERE / "generate.py"), args.preset, str(family), "--quiet"],
-                   check=True)  # fmt: skip
-    recipe = args.root / f"{args.preset}-{args.method}.yaml"
-    recipe.write_text(RECIPES[args.method].format(root=family))
+    ensure_family(args.preset, args.root)
+    recipe = write_recipe(args.preset, args.method, args.root)
     ref, out = (args.root / f"{args.preset}-{args.method}-{x}" for x in ("ref", "resumed"))
     for d in (ref, out):
         shutil.rmtree(d, ignore_errors=True)

@@ -44,6 +44,28 @@ RECIPES = {
 RECIPES = {m: f"merge_method: {m}\n{r}dtype: float32\n" for m, r in RECIPES.items()}
 
 
+def ensure_family(preset: str, root: Path) -> Path:
+    """Generate the synthetic family ``root/preset`` unless it is already complete; return it."""
+    family = root / preset
+    subprocess.run(
+        [sys.executable, str(HERE / "generate.py"), preset, str(family), "--quiet"], check=True
+    )
+    return family
+
+
+def write_recipe(preset: str, method: str, root: Path) -> Path:
+    """Write ``root/<preset>-<method>.yaml`` (RECIPES[method] on the family) and return it."""
+    recipe = root / f"{preset}-{method}.yaml"
+    recipe.write_text(RECIPES[method].format(root=root / preset))
+    return recipe
+
+
+def merge_cmd(recipe: Path, out: Path, max_memory: str) -> list[str]:
+    """The streammerge command line that merges ``recipe`` into ``out``."""
+    return [sys.executable, "-m", "streammerge", "run", str(recipe), str(out),
+            "--max-memory", max_memory, "--no-progress"]  # fmt: skip
+
+
 def verify(recipe_path: Path, out: Path) -> tuple[int, list[str]]:
     """Compare every output tensor with the in-memory reference; return (checked, mismatches)."""
     import torch
@@ -76,25 +98,11 @@ def main() -> int:
     ap.add_argument("--drop-caches", action="store_true", help="cold page cache before the merge")
     args = ap.parse_args()
 
-    family = args.root / args.preset
-    subprocess.run(
-        [sys.executable, str(HERE / "generate.py"), args.preset, str(family), "--quiet"], check=True
-    )
-    recipe = args.root / f"{args.preset}-{args.method}.yaml"
-    recipe.write_text(RECIPES[args.method].format(root=family))
+    ensure_family(args.preset, args.root)
+    recipe = write_recipe(args.preset, args.method, args.root)
     out = args.root / f"{args.preset}-{args.method}-out"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "streammerge",
-        "run",
-        str(recipe),
-        str(out),
-        "--max-memory",
-        args.max_memory,
-        "--no-progress",
-    ]
+    cmd = merge_cmd(recipe, out, args.max_memory)
     print("$ " + " ".join(cmd), file=sys.stderr)
     if args.drop_caches and not drop_caches():
         print("warning: could not drop the page cache", file=sys.stderr)

@@ -1,10 +1,10 @@
-"""Per-element cost of CABS's per-chunk step: the torch formulation vs the numba kernel.
+"""Per-element cost of the hot per-chunk loops: the torch formulation vs the numba kernels.
 
-Usage: ``python bench/kernels.py [--elems 16Mi] [--repeat 3]``. Merges one synthetic bf16
-chunk (base + 2 fine-tunes, 16:64, strict) with each path, checks the bytes agree, and prints
+Usage: ``python bench/kernels.py [--elems 16Mi] [--repeat 3]``. Runs one synthetic bf16 chunk
+(base + 2 fine-tunes) through CABS 16:64 (strict) and through TIES (density 0.25: two
+statistics passes, then the merge) with each path, checks the bytes agree, and prints
 milliseconds and million elements per second, so the choice of kernel rests on numbers
-measured on the machine at hand. ``torch.set_num_threads`` / ``NUMBA_NUM_THREADS`` set the
-thread counts.
+measured on the machine at hand. ``OMP_NUM_THREADS`` / ``NUMBA_NUM_THREADS`` set the threads.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from streammerge.memory import parse_size
 from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId, kernels
+from streammerge.methods.base import MergeResult, Method
 
 
 def _time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
@@ -42,31 +43,44 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(n, generator=g) * 0.02).bfloat16()
     fts = [(base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16() for _ in range(2)]
-    cabs = METHODS["cabs"]
-    params = (ModelParams(1.0, 16, 64), ModelParams(0.8, 16, 64))
-    state = cabs.new_state(TensorId("x", n), params, MethodOptions(), torch.float32)
-
-    rows: list[tuple[str, float]] = []
-    outs = {}
-    for label, compiled in (("torch (abs-key, topk, scatter)", False), ("numba kernel", True)):
-        saved, kernels.HAVE_NUMBA = kernels.HAVE_NUMBA, compiled and kernels.HAVE_NUMBA
-        try:
-            dt, outs[label] = _time(lambda: cabs.merge(state, 0, base, fts), args.repeat)
-        finally:
-            kernels.HAVE_NUMBA = saved
-        rows.append((label, dt))
-    dt, _ = _time(lambda: [x.to(torch.float32) for x in (base, *fts)], args.repeat)
-    rows.append(("for scale: bf16 -> float32 of the 3 inputs (torch)", dt))
-    a, b = outs.values()
-    same = torch.equal(a.out.view(torch.int32), b.out.view(torch.int32)) and all(
-        torch.equal(x, y) for x, y in zip(a.masks, b.masks, strict=True)
-    )
-    print(f"CABS 16:64, K=2, bf16 inputs, {n} elements per chunk, "
+    cases = {
+        "cabs 16:64": ("cabs", (ModelParams(1.0, 16, 64), ModelParams(0.8, 16, 64))),
+        "ties density 0.25": ("ties", (ModelParams(1.0, density=0.25),) * 2),
+    }
+    print(f"bf16 inputs, base + 2 fine-tunes, {n} elements per chunk, "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    print("| step | ms | M elements/s |\n|---|---|---|")
-    for label, dt in rows:
-        print(f"| {label} | {dt * 1e3:.0f} | {n / dt / 1e6:.0f} |")
-    print(f"outputs and masks identical: {same}")
+    print("| loop | path | ms | M elements/s |\n|---|---|---|---|")
+    for label, (name, params) in cases.items():
+        method = METHODS[name]
+        outs = []
+        for path, compiled in (("torch", False), ("numba", True)):
+            saved, kernels.HAVE_NUMBA = kernels.HAVE_NUMBA, compiled and kernels.HAVE_NUMBA
+            try:
+                dt, out = _time(lambda m=method, p=params: _merge(m, p, base, fts), args.repeat)
+            finally:
+                kernels.HAVE_NUMBA = saved
+            outs.append(out)
+            print(f"| {label} | {path} | {dt * 1e3:.0f} | {n / dt / 1e6:.0f} |")
+        a, b = outs
+        same = torch.equal(a.out.view(torch.int32), b.out.view(torch.int32)) and all(
+            torch.equal(x, y) for x, y in zip(a.masks, b.masks, strict=True)
+        )
+        print(f"| {label} | identical bytes | {same} | |")
+    dt, _ = _time(lambda: [x.to(torch.float32) for x in (base, *fts)], args.repeat)
+    print(f"| for scale: bf16 -> float32 of the 3 inputs | torch | {dt * 1e3:.0f} | "
+          f"{n / dt / 1e6:.0f} |")  # fmt: skip
+
+
+def _merge(
+    method: Method, params: tuple[ModelParams, ...], base: torch.Tensor, fts: list[torch.Tensor]
+) -> MergeResult:
+    """One chunk through a method as the engine drives it: statistics passes, then merge."""
+    opts = MethodOptions()
+    st = method.new_state(TensorId("x", base.numel()), params, opts, torch.float32)
+    for p in range(method.stats_passes(params, opts, torch.float32)):
+        method.accumulate(st, p, 0, base, fts)
+        method.end_pass(st, p)
+    return method.merge(st, 0, base, fts)
 
 
 if __name__ == "__main__":

@@ -488,10 +488,10 @@ class _Run:
     def _tensor(self, ti: int, task: TensorTask) -> None:
         t0 = time.perf_counter()
         if task.shard in self.done.shards or ti in self.done.tensors:
+            self._writes.drain()  # the store and the log are the write lane's (resume only)
             self.advance(task.bytes_read)
             self.skipped += len(task.chunks())
             if task.merged and self.method.sparsifies:
-                self._writes.drain()
                 self.kept[task.name] = [
                     self.store.kept(k, task.name) or 0 for k in range(len(self.models))
                 ]

@@ -41,7 +41,8 @@ from .journal import (
 )
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore
 from .memory import RssSampler, default_max_memory, format_size, peak_rss
-from .methods import METHODS, TensorId
+from .methods import METHODS, MergeResult, TensorId
+from .methods.replay import add_next, apply_masks
 from .model import ModelFolder
 from .plan import MergePlan, TensorTask, build_plan, check_out_dir
 from .recipe import Recipe, load_recipe
@@ -66,6 +67,26 @@ COPIED_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Merge from a finished CABS merge's occupancy store instead of selecting masks.
+
+    ``remix``: every model's mask is stored; inputs are the base and the recipe's models.
+    ``add``: the recipe's last model is new; inputs are the base, that model and the finished
+    output (``source``), whose masks give the earlier models' claims (``strict`` only).
+    """
+
+    source: Path
+    """The finished output folder (holding ``occupancy.zarr``)."""
+    add: bool = False
+
+    def inputs(self, recipe: Recipe) -> list[Path]:
+        """The folders this run reads besides the base."""
+        if self.add:
+            return [recipe.models[-1].path, self.source]
+        return [m.path for m in recipe.models]
 
 
 @dataclass
@@ -107,6 +128,7 @@ def run_merge(
     restart: bool = False,
     force: bool = False,
     allow_nonfinite: bool = False,
+    replay: Replay | None = None,
 ) -> RunSummary:
     """Merge the recipe's models into ``out_dir``; the library entry point behind ``run``.
 
@@ -123,15 +145,22 @@ def run_merge(
         restart: discard an interrupted run in ``out_dir`` and start over.
         force: replace a finished merge in ``out_dir``.
         allow_nonfinite: let NaN/Inf input values through instead of failing.
+        replay: take the masks from a finished merge (``remix``/``add``, see :class:`Replay`).
     """
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(Path(recipe))
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, [recipe.base, *(m.path for m in recipe.models)])
+    inputs = [recipe.base, *(m.path for m in recipe.models)]
+    check_out_dir(out_dir, inputs + ([replay.source] if replay else []))
     base = ModelFolder(recipe.base)
-    models = [ModelFolder(m.path) for m in recipe.models]
+    models: list[ModelFolder] = []
+    old_store = None
     try:
+        # appended one by one, so a failure still closes those opened
+        models.extend(ModelFolder(p) for p in (replay.inputs(recipe) if replay else inputs[1:]))
+        if replay is not None:
+            old_store = ZarrMaskStore(replay.source / STORE_NAME)
         budget = max_memory or default_max_memory()
         plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
         _refuse_foreign(out_dir)  # before we create anything in it
@@ -139,14 +168,17 @@ def run_merge(
         with FolderLock(out_dir):
             journal = Journal(out_dir)
             # the digest excludes TADrop's densities: they follow from the inputs and recipe
-            plan_digest = _plan_digest(plan, base, models)
+            plan_digest = _plan_digest(plan, base, models, old_store)
             header, done = _claim_out_dir(out_dir, journal, plan_digest, restart, force)
             if header.get("chunk_elems") and chunk_elems is None:
                 chunk_elems = header["chunk_elems"]  # resume with the interrupted run's chunks
                 plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
             tadrop: dict[str, object] = {}
             if recipe.tadrop:  # a sampling pass decides every tensor's density, then re-plan
-                densities, tadrop = tadrop_densities(plan, base, models, allow_nonfinite)
+                if old_store is not None:  # replaying: the densities the masks were made with
+                    densities, tadrop = _stored_densities(old_store)
+                else:
+                    densities, tadrop = tadrop_densities(plan, base, models, allow_nonfinite)
                 plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, densities)
                 # the densities used (n/m for CABS), per tensor and model, as on the mask arrays
                 tadrop["densities"] = {
@@ -163,6 +195,7 @@ def run_merge(
             if done.empty:
                 store.set_attrs(_store_attrs(plan, tadrop))
             run = _Run(plan, base, models, out_dir, store, journal, done, allow_nonfinite)
+            run.replay, run.old_store = replay, old_store
             with RssSampler() as sampler, _StopOnSignals() as stop:
                 run.execute(progress, stop)
             _finalize(plan, out_dir, journal)
@@ -271,17 +304,33 @@ def _refuse_foreign(out_dir: Path) -> None:
 
 
 def _plan_digest(
-    plan: MergePlan, base: ModelFolder, models: list[ModelFolder]
+    plan: MergePlan,
+    base: ModelFolder,
+    models: list[ModelFolder],
+    old_store: MaskStore | None = None,
 ) -> dict[str, object]:
     recipe = plan.recipe
     layout = [s.header.hex() for s in plan.shards]
     layout += [repr((t.params, t.options)) for t in plan.tensors]
-    return {
+    out: dict[str, object] = {
         "version": __version__,
         "recipe": digest(recipe.source),
         "layout": digest(layout),
         "inputs": {str(f.path): digest(f.fingerprint()) for f in (base, *models)},
     }
+    if old_store is not None:
+        out["masks"] = digest(json.loads(json.dumps(old_store.attrs(), default=str)))
+    return out
+
+
+def _stored_densities(
+    store: MaskStore,
+) -> tuple[dict[tuple[int, str], float], dict[str, object]]:
+    """TADrop's densities as a finished merge recorded them (a replay does not resample)."""
+    report = dict(store.attrs().get("tadrop") or {})
+    stored = report.pop("densities", {})
+    densities = {(k, name): d for name, ds in stored.items() for k, d in enumerate(ds)}
+    return densities, report
 
 
 def _check_disk(out_dir: Path, plan: MergePlan) -> None:
@@ -344,6 +393,8 @@ class _Run:
         self.store, self.journal, self.done = store, journal, done
         self.allow_nonfinite = allow_nonfinite
         self.method = METHODS[plan.recipe.method]
+        self.replay: Replay | None = None
+        self.old_store: MaskStore | None = None
         self.kept: dict[str, list[int]] = {}
         self.skipped = 0
         self.writer: ShardWriter | None = None
@@ -385,7 +436,7 @@ class _Run:
             self.skipped += len(task.chunks())
             if task.merged and self.method.sparsifies:
                 self.kept[task.name] = [
-                    self.store.kept(k, task.name) or 0 for k in range(len(self.models))
+                    self.store.kept(k, task.name) or 0 for k in range(len(self.plan.recipe.models))
                 ]
             return
         if self.writer is None or self.writer.plan is not self.plan.shards[task.shard]:
@@ -463,7 +514,8 @@ class _Run:
             self.advance(item_bytes * (e - s))
 
     def _merge_tensor(self, ti: int, task: TensorTask) -> None:
-        method, recipe, models = self.method, self.plan.recipe, self.models
+        method, recipe = self.method, self.plan.recipe
+        models = recipe.models
         out_dtype = FLOAT_DTYPES[task.out_dtype]
         state = method.new_state(
             TensorId(task.name, task.numel), task.params, task.options, recipe.dtype
@@ -487,7 +539,10 @@ class _Run:
                     s, e = task.chunks()[ci]
                     kept[k] += int(torch.count_nonzero(self.store.read_range(k, task.name, s, e)))
         for ci, s, views in self._walk(task, skip):
-            result = method.merge(state, s, views[0], views[1:])
+            if self.replay is None:
+                result = method.merge(state, s, views[0], views[1:])
+            else:
+                result = self._replay(task, s, views)
             self._check_finite(task, result.out, views)
             assert self.writer is not None
             self.writer.write(task.name, s, tensor_bytes(result.out.to(out_dtype)))
@@ -503,6 +558,20 @@ class _Run:
                 info = {"weight": p.weight, "density": p.density, "n": p.n, "m": p.m}
                 self.store.finish(k, task.name, n, info)
             self.kept[task.name] = kept
+
+    def _replay(self, task: TensorTask, start: int, views: list[torch.Tensor]) -> MergeResult:
+        """One chunk from the stored masks (remix) or from the old output plus one model (add)."""
+        assert self.replay is not None and self.old_store is not None
+        end = start + views[0].numel()
+        dtype, params = self.plan.recipe.dtype, task.params
+        stored = len(params) - 1 if self.replay.add else len(params)
+        masks = [self.old_store.read_range(k, task.name, start, end) for k in range(stored)]
+        if self.replay.add:
+            base, ft, old = views
+            out_dtype = FLOAT_DTYPES[task.out_dtype]
+            return add_next(base, ft, old, masks, params, task.options, dtype, out_dtype)
+        out = apply_masks(views[0], views[1:], masks, [p.weight for p in params], dtype)
+        return MergeResult(out, masks)
 
     def _check_finite(self, task: TensorTask, out: torch.Tensor, views: list[torch.Tensor]) -> None:
         """Fail on NaN/Inf reaching the output, naming the input file that holds them.

@@ -284,5 +284,50 @@ def add(
     _print_summary(add_model(out_dir, new_out, model, weight, n_val=n_val, m_val=m_val, **run_opts))
 
 
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tensors", is_flag=True, help="One row per tensor instead of per layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@click.option(
+    "--no-inputs", is_flag=True, help="Skip the independent n:m overlap (no input reads)."
+)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Draw per-layer densities and overlaps (needs matplotlib).")  # fmt: skip
+@_user_errors
+def inspect(
+    out_dir: Path, tensors: bool, as_json: bool, no_inputs: bool, plot: Path | None
+) -> None:
+    """Report what the merge in OUT_DIR kept, per layer (or per tensor), from its masks.
+
+    Kept density per model, the overlap between models (0 under CABS strict), and, for CABS,
+    the overlap that independent n:m pruning would have had, computed by streaming the inputs
+    (skipped with --no-inputs or when they are gone).
+
+    \b
+    Example:
+      streammerge inspect merged/ --plot merged.png
+    """
+    import json
+
+    from .inspect import format_report, inspect_merge, plot_report
+
+    if plot is not None:  # fail on a missing matplotlib before reading anything
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise StreamMergeError(
+                "--plot needs matplotlib: pip install 'streammerge[plot]' (or pip install "
+                "matplotlib)"
+            ) from None
+    report = inspect_merge(out_dir, use_inputs=not no_inputs)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_report(report, tensors=tensors))
+    if plot is not None:
+        plot_report(report, plot)
+        click.echo(f"plot: {plot}", err=as_json)
+
+
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ written last, so an output folder without the marker is never mistaken for a fin
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -234,8 +235,8 @@ def run_merge(
 
 
 INCOMPLETE_TEXT = (
-    "This merge is not finished. Run the same `streammerge run` command again to resume it;\n"
-    "streammerge.json appears when the output is complete.\n"
+    "This merge is not finished. Run the same `streammerge` command (run, remix or add) again\n"
+    "to resume it; streammerge.json appears when the output is complete.\n"
 )
 
 
@@ -551,6 +552,8 @@ class _Run:
                 self._pending_masks.append((k, task.name, s))
                 kept[k] += int(torch.count_nonzero(mask))  # ~30x faster than bool sum
             del views, result
+            if self.replay is not None:
+                _trim_heap()
             self._chunk_done(ti, ci)
         if method.sparsifies:
             for k, n in enumerate(kept):
@@ -608,6 +611,29 @@ class _Run:
                 f.release(task.name, s, e)
             self.advance(item * (e - s))
             self._chunk_done(ti, ci)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the kernel (glibc only; a no-op elsewhere).
+
+    The replay path's chunk temporaries are torch tensors of varying sizes below glibc's
+    dynamic mmap threshold; without this the heap fragments and RSS creeps up by hundreds of
+    MiB over a 1B-parameter replay (measured), past the budget the chunks were sized for.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
 
 
 def _finalize(plan: MergePlan, out_dir: Path, journal: Journal) -> None:

@@ -20,6 +20,7 @@ from conftest import SHAPES, make_family, write_model
 from streammerge import read_mask, run_merge
 from streammerge.cli import main
 from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId
+from streammerge.methods import replay as replay_mod
 from streammerge.methods.base import run_chunked
 from streammerge.methods.replay import add_next, apply_masks
 
@@ -113,7 +114,10 @@ def signed_zero_inputs(n: int = 4096, k: int = 3, seed: int = 0):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weights", [(1.0, 0.8, 0.6), (0.0, -1.0, 0.5), (1.0, 0.0, -0.25)])
-def test_add_next_equals_cabs_of_k_plus_1(out_dtype, weights):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_add_next_equals_cabs_of_k_plus_1(out_dtype, weights, compiled, monkeypatch):
+    if not compiled:  # the torch paths of CABS and of add_next
+        monkeypatch.setattr(replay_mod.kernels, "enabled", lambda: False)
     base, fts = signed_zero_inputs()
     params = [ModelParams(w, 1, 4) for w in weights]  # 1:4 leaves free positions
     opts = MethodOptions()

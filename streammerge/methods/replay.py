@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from . import kernels
 from .base import MergeResult, MethodOptions, ModelParams, scalar
 from .nm import magnitude_key, nm_select
 
@@ -101,14 +103,25 @@ def add_next(
     (``|w * tau|`` below the smallest subnormal) on a zero base.
     """
     b = base.to(dtype)
-    tau = ft.to(dtype, copy=True).sub_(b)
     claimed = torch.zeros(b.numel(), dtype=torch.bool)
     for mk in old_masks:
         claimed |= mk
-    mask = select_next(tau, claimed, params[-1], options)
-    old_c = old_out.to(dtype)
-    acc = torch.where(claimed | (b == 0), old_c, b)  # = acc_K (claimed: when the cast is exact)
-    acc.add_(tau.mul_(scalar(params[-1].weight, dtype)).mul_(mask))
+    # acc_K where it is known exactly (and, where claimed, exactly when the cast is exact)
+    acc = torch.where(claimed | (b == 0), old_out.to(dtype), b)
+    p = params[-1]
+    if dtype == torch.float32 and kernels.enabled():
+        # the compiled CABS step: the same selection and ``acc += (w * tau) * mask``
+        mask_np = np.empty(b.numel(), dtype=np.bool_)
+        kernels.cabs_step(b.contiguous().numpy(), ft.to(dtype).contiguous().numpy(),
+                          claimed.numpy().copy(), mask_np, acc.numpy(), p.n, p.m,
+                          np.float32(p.weight), True,
+                          options.tail_policy == "keep_topn_padded")  # fmt: skip
+        mask = torch.from_numpy(mask_np)
+    else:
+        tau = ft.to(dtype, copy=True).sub_(b)
+        mask = select_next(tau, claimed, p, options)
+        acc.add_(tau.mul_(scalar(p.weight, dtype)).mul_(mask))
+        del tau
     out = acc.to(out_dtype)
     if not cast_is_exact(dtype, out_dtype):
         zero_w = torch.zeros_like(claimed)

@@ -332,8 +332,11 @@ def plot_report(report: MergeReport, path: Path | str) -> Path:
     xs = list(range(len(layers)))
     labels = [s.layer for s in layers]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for i, model in enumerate(report.models):
-        top.plot(xs, [s.density[i] for s in layers], marker="o", ms=3, label=model)
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for i, model in enumerate(report.models):  # styles differ: equal densities overlap
+        top.plot(xs, [s.density[i] for s in layers], ls=styles[i % 4], marker=markers[i % 6],
+                 ms=4, label=model)  # fmt: skip
     top.set_ylabel("kept density")
     top.set_ylim(bottom=0)
     top.legend(loc="best", fontsize="small")

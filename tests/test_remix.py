@@ -276,3 +276,34 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "x").exists()
     bad = cli("remix", ok, tmp_path / "x", "--weight", "ft1")
     assert bad.exit_code == 2 and "MODEL=VALUE" in bad.stderr
+
+
+def test_interrupted_add_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    import streammerge.engine as engine
+    from streammerge.remix import add_model
+
+    base, fts = make_family(tmp_path / "models", k=3)
+    two = full_run(write_recipe(tmp_path / "2.yaml", base, fts[:2], [1.0, 0.5]), tmp_path / "two")
+    want = full_run(write_recipe(tmp_path / "3.yaml", base, fts, [1.0, 0.5, 0.9]), tmp_path / "3")
+    out = tmp_path / "added"
+    done = engine._Run._chunk_done
+    calls = {"n": 0}
+
+    def crash(self, ti, ci):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # a crash mid-merge: the journal has what was flushed
+        done(self, ti, ci)
+
+    monkeypatch.setattr(engine._Run, "_chunk_done", crash)
+    kw = {"chunk_elems": 40, "shard_size": SHARD, "max_memory": 2**30}
+    with pytest.raises(KeyboardInterrupt):
+        add_model(two, out, fts[2], 0.9, **kw)
+    assert (out / "INCOMPLETE").is_file() and not (out / "streammerge.json").exists()
+    monkeypatch.setattr(engine._Run, "_chunk_done", done)
+    summary = add_model(two, out, fts[2], 0.9, **kw)
+    assert summary.resumed_chunks > 0
+    assert_same_files(want, out)
+    assert not (out / "INCOMPLETE").exists()
+    again = cli("add", two, out, "--model", fts[2], "--weight", 0.9, "--no-progress")
+    assert_refused(again, "finished merge", "--force")

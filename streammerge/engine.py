@@ -195,8 +195,8 @@ def run_merge(
             )
             if done.empty:
                 store.set_attrs(_store_attrs(plan, tadrop))
-            run = _Run(plan, base, models, out_dir, store, journal, done, allow_nonfinite)
-            run.replay, run.old_store = replay, old_store
+            run = _Run(plan, base, models, out_dir, store, journal, done, allow_nonfinite,
+                       replay, old_store)  # fmt: skip
             with RssSampler() as sampler, _StopOnSignals() as stop:
                 run.execute(progress, stop)
             _finalize(plan, out_dir, journal)
@@ -389,13 +389,16 @@ class _Run:
         journal: Journal,
         done: Progress,
         allow_nonfinite: bool,
+        replay: Replay | None = None,
+        old_store: MaskStore | None = None,
     ) -> None:
+        """``models``: the folders read besides the base (for ``add``: the new model and the
+        finished output); ``old_store``: the finished merge's masks when replaying."""
         self.plan, self.base, self.models, self.out_dir = plan, base, models, out_dir
         self.store, self.journal, self.done = store, journal, done
         self.allow_nonfinite = allow_nonfinite
         self.method = METHODS[plan.recipe.method]
-        self.replay: Replay | None = None
-        self.old_store: MaskStore | None = None
+        self.replay, self.old_store = replay, old_store
         self.kept: dict[str, list[int]] = {}
         self.skipped = 0
         self.writer: ShardWriter | None = None

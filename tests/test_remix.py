@@ -307,3 +307,23 @@ def test_interrupted_add_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     assert not (out / "INCOMPLETE").exists()
     again = cli("add", two, out, "--model", fts[2], "--weight", 0.9, "--no-progress")
     assert_refused(again, "finished merge", "--force")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"n_val": 3, "m_val": 4, "overlap_policy": "fill"}, {"n_val": 2, "m_val": 8, "tadrop": 1}],
+    ids=["fill", "tadrop"],
+)
+def test_remix_fill_and_tadrop(tmp_path, params):
+    """fill (overlapping masks) and TADrop (per-tensor n, from the stored densities)."""
+    base, fts = make_family(tmp_path / "models", k=3)
+    old = full_run(write_recipe(tmp_path / "a.yaml", base, fts, [1.0, 0.8, 0.6],
+                                parameters=params), tmp_path / "a")  # fmt: skip
+    want = full_run(write_recipe(tmp_path / "b.yaml", base, fts, [0.2, 0.8, -1.0],
+                                 parameters=params), tmp_path / "b")  # fmt: skip
+    out = tmp_path / "remixed"
+    r = cli("remix", old, out, "--weight", "ft1=0.2", "--weight", "ft3=-1.0",
+            "--shard-size", SHARD, "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert_same_files(want, out)
+    assert_same_masks(want, out, 3)

@@ -138,8 +138,11 @@ def test_add_next_equals_cabs_of_k_plus_1(out_dtype, weights, compiled, monkeypa
         assert int(flips.sum()) > 0
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("overlap", ["strict", "fill"])
-def test_apply_masks_equals_cabs(overlap):
+def test_apply_masks_equals_cabs(overlap, compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(replay_mod.kernels, "enabled", lambda: False)
     base, fts = signed_zero_inputs(k=3)
     params = [ModelParams(w, n, 4) for w, n in [(1.0, 3), (-0.5, 2), (0.0, 3)]]
     opts = MethodOptions(overlap_policy=overlap)

@@ -22,7 +22,7 @@ import torch
 
 from . import kernels
 from .base import MergeResult, MethodOptions, ModelParams, scalar
-from .nm import magnitude_key, nm_select
+from .nm import _INT_OF, magnitude_key, nm_select
 
 if kernels.HAVE_NUMBA:
     import numba
@@ -35,6 +35,14 @@ if kernels.HAVE_NUMBA:
         for i in numba.prange(base.size):
             t = ft[i] - base[i]
             acc[i] = acc[i] + (weight * t) * (np.float32(1.0) if mask[i] else np.float32(0.0))
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _prior(  # pragma: no cover - compiled
+        base: np.ndarray, old: np.ndarray, claimed: np.ndarray, acc: np.ndarray
+    ) -> None:
+        """``acc = old if claimed or base == 0 else base`` (the K-model accumulator)."""
+        for i in numba.prange(base.size):
+            acc[i] = old[i] if claimed[i] or base[i] == np.float32(0.0) else base[i]
 
 
 def apply_masks(
@@ -122,13 +130,16 @@ def add_next(
     (``|w * tau|`` below the smallest subnormal) on a zero base.
     """
     b = base.to(dtype)
-    claimed = torch.zeros(b.numel(), dtype=torch.bool)
-    for mk in old_masks:
+    claimed = old_masks[0].clone() if old_masks else torch.zeros(b.numel(), dtype=torch.bool)
+    for mk in old_masks[1:]:
         claimed |= mk
-    # acc_K where it is known exactly (and, where claimed, exactly when the cast is exact)
-    acc = torch.where(claimed | (b == 0), old_out.to(dtype), b)
     p = params[-1]
-    if dtype == torch.float32 and kernels.enabled():
+    compiled = dtype == torch.float32 and kernels.enabled()
+    # acc_K where it is known exactly (and, where claimed, exactly when the cast is exact)
+    old_c = old_out.to(dtype)
+    if compiled:
+        acc = torch.empty_like(b)
+        _prior(b.contiguous().numpy(), old_c.contiguous().numpy(), claimed.numpy(), acc.numpy())
         # the compiled CABS step: the same selection and ``acc += (w * tau) * mask``
         mask_np = np.empty(b.numel(), dtype=np.bool_)
         kernels.cabs_step(b.contiguous().numpy(), ft.to(dtype).contiguous().numpy(),
@@ -137,17 +148,22 @@ def add_next(
                           options.tail_policy == "keep_topn_padded")  # fmt: skip
         mask = torch.from_numpy(mask_np)
     else:
+        acc = torch.where(claimed | (b == 0), old_c, b)
         tau = ft.to(dtype, copy=True).sub_(b)
         mask = select_next(tau, claimed, p, options)
         acc.add_(tau.mul_(scalar(p.weight, dtype)).mul_(mask))
         del tau
+    del old_c
     out = acc.to(out_dtype)
     if not cast_is_exact(dtype, out_dtype):
-        zero_w = torch.zeros_like(claimed)
-        for mk, p in zip(old_masks, params, strict=False):
-            if float(scalar(p.weight, dtype)) == 0.0:
-                zero_w |= mk
-        keep = claimed & (old_out == 0) & torch.signbit(old_out) & ~torch.isnan(acc)
-        keep &= ~((b == 0) & zero_w)
-        out = torch.where(keep, old_out, out)
+        # candidates: an old -0.0 (sign bit only), rare; the other conditions on those alone
+        it = _INT_OF[out_dtype]
+        idx = torch.nonzero(old_out.view(it) == torch.iinfo(it).min).squeeze(1)
+        if idx.numel():
+            zero_w = torch.zeros(idx.numel(), dtype=torch.bool)
+            for mk, q in zip(old_masks, params, strict=False):
+                if float(scalar(q.weight, dtype)) == 0.0:
+                    zero_w |= mk[idx]
+            keep = claimed[idx] & ~torch.isnan(acc[idx]) & ~((b[idx] == 0) & zero_w)
+            out[idx[keep]] = old_out[idx[keep]]
     return MergeResult(out, [*old_masks, mask])

@@ -5,6 +5,9 @@ Library entry points (the CLI is a thin layer over these)::
     from streammerge import run_merge, read_mask
     summary = run_merge("recipe.yaml", "out/", max_memory=2**30)
     mask = read_mask("out/", "ft1", "model.layers.0.mlp.up_proj.weight")
+    report = inspect_merge("out/")                       # densities and overlaps
+    remix_merge("out/", "remixed/", {"ft1": 0.5})        # new weights, stored masks
+    add_model("out/", "out-3/", "ft3/", weight=0.7)      # one more model, pruned last
 """
 
 from __future__ import annotations
@@ -13,18 +16,24 @@ __version__ = "0.1.0"
 
 from .engine import RunSummary, run_merge
 from .errors import InputError, RecipeError, StreamMergeError
+from .inspect import MergeReport, inspect_merge
 from .mask_store import read_mask
 from .recipe import Recipe, load_recipe, parse_recipe
+from .remix import add_model, remix_merge
 
 __all__ = [
     "InputError",
+    "MergeReport",
     "Recipe",
     "RecipeError",
     "RunSummary",
     "StreamMergeError",
     "__version__",
+    "add_model",
+    "inspect_merge",
     "load_recipe",
     "parse_recipe",
     "read_mask",
+    "remix_merge",
     "run_merge",
 ]

@@ -355,5 +355,151 @@ def _print_summary(s: RunSummary) -> None:
         )
 
 
+# --- re-merging from the occupancy store: remix, add, inspect ---------------------------------
+
+
+def _weight_pair(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
+    out: dict[str, float] = {}
+    for v in values:
+        ref, sep, num = v.rpartition("=")
+        try:
+            if not sep or not ref:
+                raise ValueError
+            out[ref] = float(num)
+        except ValueError:
+            raise click.BadParameter(f"expected MODEL=VALUE, got {v!r}") from None
+    return out
+
+
+def _replay_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The run options that make sense for remix and add."""
+    for opt in reversed(
+        [
+            click.option("--max-memory", callback=_size, metavar="SIZE",
+                         help="Peak RSS budget, e.g. 1GiB (default: half the available RAM)."),
+            click.option("--shard-size", callback=_size, metavar="SIZE",
+                         default=str(DEFAULT_SHARD_SIZE), show_default="5GB",
+                         help="Maximum size of one output shard (use the original run's for "
+                         "byte-identical shards)."),
+            click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
+            click.option("--chunk-elems", type=int, hidden=True, help="Force the chunk length."),
+            click.option("--restart", is_flag=True,
+                         help="Discard an interrupted run in NEW_OUT; start over."),
+            click.option("--force", is_flag=True, help="Replace a finished merge in NEW_OUT."),
+            click.option("--allow-nonfinite", is_flag=True,
+                         help="Merge NaN/Inf input values instead of failing."),
+        ]
+    ):  # fmt: skip
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("new_out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--weight",
+    "weights",
+    multiple=True,
+    required=True,
+    metavar="MODEL=VALUE",
+    callback=_weight_pair,
+    help="New weight of a model (folder name or path as in the recipe); repeatable.",
+)
+@_replay_options
+@_user_errors
+def remix(out_dir: Path, new_out: Path, weights: dict[str, float], **run_opts: Any) -> None:
+    """Re-merge the CABS merge in OUT_DIR with new weights into NEW_OUT, reusing its masks.
+
+    No selection work: reads the base, the fine-tunes and the stored masks. NEW_OUT is
+    byte-identical to a full `run` with the new weights (same --shard-size).
+
+    \b
+    Example:
+      streammerge remix merged/ remixed/ --weight llama-3b-code=0.6
+    """
+    from .remix import remix_merge
+
+    _print_summary(remix_merge(out_dir, new_out, weights, **run_opts))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("new_out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", "model", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The fine-tune to add (pruned last).")  # fmt: skip
+@click.option("--weight", type=float, required=True, help="Its weight.")
+@click.option("--n-val", type=int, help="Its n (default: the recipe's).")
+@click.option("--m-val", type=int, help="Its m (default: the recipe's).")
+@_replay_options
+@_user_errors
+def add(
+    out_dir: Path,
+    new_out: Path,
+    model: Path,
+    weight: float,
+    n_val: int | None,
+    m_val: int | None,
+    **run_opts: Any,
+) -> None:
+    """Add one fine-tune, last in pruning order, to the strict CABS merge in OUT_DIR.
+
+    Reads only the base, the new model, OUT_DIR's shards and its occupancy store. NEW_OUT is
+    byte-identical to a full `run` of the extended recipe (same --shard-size).
+
+    \b
+    Example:
+      streammerge add merged/ merged-3/ --model ./llama-3b-chat --weight 0.7
+    """
+    from .remix import add_model
+
+    _print_summary(add_model(out_dir, new_out, model, weight, n_val=n_val, m_val=m_val, **run_opts))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tensors", is_flag=True, help="One row per tensor instead of per layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@click.option(
+    "--no-inputs", is_flag=True, help="Skip the independent n:m overlap (no input reads)."
+)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Draw per-layer densities and overlaps (needs matplotlib).")  # fmt: skip
+@_user_errors
+def inspect(
+    out_dir: Path, tensors: bool, as_json: bool, no_inputs: bool, plot: Path | None
+) -> None:
+    """Report what the merge in OUT_DIR kept, per layer (or per tensor), from its masks.
+
+    Kept density per model, the overlap between models (0 under CABS strict), and, for CABS,
+    the overlap that independent n:m pruning would have had, computed by streaming the inputs
+    (skipped with --no-inputs or when they are gone).
+
+    \b
+    Example:
+      streammerge inspect merged/ --plot merged.png
+    """
+    import json
+
+    from .inspect import format_report, inspect_merge, plot_report
+
+    if plot is not None:  # fail on a missing matplotlib before reading anything
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise StreamMergeError(
+                "--plot needs matplotlib: pip install 'streammerge[plot]' (or pip install "
+                "matplotlib)"
+            ) from None
+    report = inspect_merge(out_dir, use_inputs=not no_inputs)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_report(report, tensors=tensors))
+    if plot is not None:
+        plot_report(report, plot)
+        click.echo(f"plot: {plot}", err=as_json)
+
+
 if __name__ == "__main__":
     main()

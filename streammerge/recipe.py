@@ -194,8 +194,14 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(f"{path}: {e}") from None
 
 
-def parse_recipe(doc: Mapping[str, Any], recipe_dir: Path = Path(".")) -> Recipe:
-    """Validate a parsed recipe mapping; ``recipe_dir`` anchors relative paths as a fallback."""
+def parse_recipe(
+    doc: Mapping[str, Any], recipe_dir: Path = Path("."), *, require_models: bool = True
+) -> Recipe:
+    """Validate a parsed recipe mapping; ``recipe_dir`` anchors relative paths as a fallback.
+
+    ``require_models=False`` accepts task-model folders that do not exist (absolute paths are
+    taken as they are): ``streammerge add`` replays a merge whose fine-tunes it never reads.
+    """
     warnings: list[str] = []
     for key in UNSUPPORTED_MERGEKIT & set(doc):
         raise RecipeError(f"'{key}:' recipes are not supported; use 'models:'")
@@ -255,7 +261,10 @@ def parse_recipe(doc: Mapping[str, Any], recipe_dir: Path = Path(".")) -> Recipe
             ref, mparams = _model_ref(item, where), {}
         if not isinstance(mparams, dict):
             raise RecipeError(f"{where}.parameters must be a mapping")
-        path = _resolve(ref, recipe_dir, f"{where}.model")
+        if require_models or not Path(ref).expanduser().is_absolute():
+            path = _resolve(ref, recipe_dir, f"{where}.model")
+        else:
+            path = Path(ref).expanduser().resolve()
         if path == base and method != "linear":
             continue  # mergekit habit: the base listed among the models is the base, not a task
         unknown = sorted(set(mparams) - per_model)

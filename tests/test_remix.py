@@ -53,11 +53,11 @@ def full_run(recipe: Path, out: Path, chunk: int = 40) -> Path:
 
 
 def assert_same_files(a: Path, b: Path) -> None:
-    """Every output file byte for byte (shards, index, config), except the run's timing."""
-    names = sorted(p.name for p in a.iterdir() if p.is_file() and p.name != "streammerge.json")
-    assert names == sorted(
-        p.name for p in b.iterdir() if p.is_file() and p.name != "streammerge.json"
-    )
+    """Every output file byte for byte (shards, index, config), except the run's timing and
+    the model card (it records how the folder was made: run, remix or add)."""
+    own = ("streammerge.json", "README.md")
+    names = sorted(p.name for p in a.iterdir() if p.is_file() and p.name not in own)
+    assert names == sorted(p.name for p in b.iterdir() if p.is_file() and p.name not in own)
     assert sum(n.endswith(".safetensors") for n in names) >= 2
     differ = [n for n in names if not filecmp.cmp(a / n, b / n, shallow=False)]
     assert differ == [], differ
@@ -289,21 +289,21 @@ def test_interrupted_add_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     two = full_run(write_recipe(tmp_path / "2.yaml", base, fts[:2], [1.0, 0.5]), tmp_path / "two")
     want = full_run(write_recipe(tmp_path / "3.yaml", base, fts, [1.0, 0.5, 0.9]), tmp_path / "3")
     out = tmp_path / "added"
-    done = engine._Run._chunk_done
+    check = engine._Run._check_stop  # called after each chunk is handed to the write lane
     calls = {"n": 0}
 
-    def crash(self, ti, ci):
+    def crash(self):
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt  # a crash mid-merge: the journal has what was flushed
-        done(self, ti, ci)
+        check(self)
 
-    monkeypatch.setattr(engine._Run, "_chunk_done", crash)
+    monkeypatch.setattr(engine._Run, "_check_stop", crash)
     kw = {"chunk_elems": 40, "shard_size": SHARD, "max_memory": 2**30}
     with pytest.raises(KeyboardInterrupt):
         add_model(two, out, fts[2], 0.9, **kw)
     assert (out / "INCOMPLETE").is_file() and not (out / "streammerge.json").exists()
-    monkeypatch.setattr(engine._Run, "_chunk_done", done)
+    monkeypatch.setattr(engine._Run, "_check_stop", check)
     summary = add_model(two, out, fts[2], 0.9, **kw)
     assert summary.resumed_chunks > 0
     assert_same_files(want, out)

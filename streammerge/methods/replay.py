@@ -143,7 +143,7 @@ def add_next(
         # the compiled CABS step: the same selection and ``acc += (w * tau) * mask``
         mask_np = np.empty(b.numel(), dtype=np.bool_)
         kernels.cabs_step(b.contiguous().numpy(), ft.to(dtype).contiguous().numpy(),
-                          claimed.numpy().copy(), mask_np, acc.numpy(), p.n, p.m,
+                          claimed.numpy().copy(), mask_np, acc.numpy(), False, p.n, p.m,
                           np.float32(p.weight), True,
                           options.tail_policy == "keep_topn_padded")  # fmt: skip
         mask = torch.from_numpy(mask_np)

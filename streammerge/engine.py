@@ -45,7 +45,7 @@ from .journal import (
 )
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore
 from .memory import RssSampler, current_rss, default_max_memory, format_size, peak_rss
-from .methods import METHODS, MergeResult, TensorId
+from .methods import METHODS, MergeResult, TensorId, kernels
 from .methods.replay import add_next, apply_masks
 from .model import ModelFolder
 from .plan import MergePlan, TensorTask, build_plan, check_out_dir
@@ -200,6 +200,8 @@ def run_merge(
             old_store = ZarrMaskStore(replay.source / STORE_NAME)
         budget = max_memory or default_max_memory()
         plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, vram=max_vram)
+        if replay is None and dev.type == "cpu":
+            precompile_kernels(plan, base, models)
         _refuse_foreign(out_dir)  # before we create anything in it
         _make_dir(out_dir)
         with FolderLock(out_dir):
@@ -276,6 +278,18 @@ def run_merge(
         base.close()
         for m in models:
             m.close()
+
+
+def precompile_kernels(plan: MergePlan, base: ModelFolder, models: list[ModelFolder]) -> None:
+    """Have the plan's compiled kernels built outside this process (see ``precompile``)."""
+    raw = {
+        "uint16" if src.info(t.name).dtype == "BF16" else "float32"
+        for t in plan.tensors
+        if t.merged
+        for src in (base, *models)
+    }
+    if raw and plan.recipe.dtype == torch.float32:
+        kernels.precompile(plan.recipe.method, len(models), sorted(raw))
 
 
 INCOMPLETE_TEXT = (

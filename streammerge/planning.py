@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .engine import COMPLETE_MARKER, DEFAULT_SHARD_SIZE, _refuse_foreign, disk_needed
+from .engine import (
+    COMPLETE_MARKER,
+    DEFAULT_SHARD_SIZE,
+    _refuse_foreign,
+    disk_needed,
+    precompile_kernels,
+)
 from .errors import StreamMergeError
 from .journal import Journal
 from .memory import current_rss, default_max_memory, predict_peak_rss, resident_per_element
@@ -165,6 +171,7 @@ def describe_plan(
         plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
         need = disk_needed(out_dir, plan)
         free = shutil.disk_usage(_existing_ancestor(out_dir)).free
+        precompile_kernels(plan, base, models)  # so the baseline holds no compiler memory
         t0 = time.perf_counter()
         _warm_up(plan, base, models)
         baseline = current_rss()[0]

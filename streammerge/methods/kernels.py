@@ -22,7 +22,12 @@ numba is optional: without it (or with ``STREAMMERGE_KERNEL=torch``) the torch p
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -359,3 +364,51 @@ if HAVE_NUMBA:
                    factors is not None, consensus, normalize, f32(norm_div or 1.0), f32(lambda_),
                    out, masks, ties, 4 * numba.get_num_threads())  # fmt: skip
         return out, masks, ties
+
+
+GTA_KERNEL_METHODS = ("task_arithmetic", "ties", "magnitude")
+"""Methods whose chunks go through :func:`gta_merge` (and :func:`magnitude_hist`)."""
+
+
+def warm_up(method: str, k: int, raw_dtypes: Sequence[str]) -> None:
+    """Compile, or load from numba's on-disk cache, the kernels a ``method`` merge of ``k``
+    models will call on inputs of ``raw_dtypes`` (``"uint16"`` for bf16, ``"float32"``)."""
+    if not HAVE_NUMBA:
+        return
+    for name in raw_dtypes:
+        x = np.zeros(64, dtype=np.dtype(name))
+        if method == "cabs":
+            cabs_step(x, x, np.zeros(64, np.bool_), np.empty(64, np.bool_),
+                      np.empty(64, np.float32), True, 1, 4, np.float32(1), True, True)  # fmt: skip
+        elif method in GTA_KERNEL_METHODS:
+            magnitude_hist(x, x, 0, None)
+            z = np.zeros(k, dtype=np.int64)
+            gta_merge(x, (x,) * k, z - 1, z, z, True, np.ones(k, np.float32), None, True, True,
+                      None, 1.0)  # fmt: skip
+
+
+def precompile(method: str, k: int, raw_dtypes: Sequence[str]) -> None:
+    """Compile the kernels of a merge in a child process, once per install and kernel source.
+
+    numba compiles on first use, and LLVM's working memory (100-300 MB) would count against
+    the merge's ``--max-memory`` if it happened in the merging process. The child fills
+    numba's on-disk cache; the merge then only loads machine code from it. A marker file
+    next to the cache records success; without a writable cache, or if the child fails,
+    compilation simply happens in-process as before.
+    """
+    if not HAVE_NUMBA:
+        return
+    here = Path(__file__)
+    key = hashlib.sha256(
+        repr((here.read_bytes(), numba.__version__, method, k, sorted(raw_dtypes))).encode()
+    ).hexdigest()[:16]
+    marker = here.parent / "__pycache__" / f"streammerge-kernels-{key}.ok"
+    if marker.exists():
+        return
+    code = f"from {__name__} import warm_up; warm_up({method!r}, {k}, {sorted(raw_dtypes)!r})"
+    try:
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=900)
+        marker.parent.mkdir(exist_ok=True)
+        marker.touch()
+    except (OSError, subprocess.SubprocessError):
+        pass

@@ -201,7 +201,7 @@ def run_merge(
         budget = max_memory or default_max_memory()
         plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems, vram=max_vram)
         if replay is None and dev.type == "cpu":
-            precompile_kernels(plan, base, models)
+            precompile_kernels(plan, base, models, verbose=progress)
         _refuse_foreign(out_dir)  # before we create anything in it
         _make_dir(out_dir)
         with FolderLock(out_dir):
@@ -280,7 +280,9 @@ def run_merge(
             m.close()
 
 
-def precompile_kernels(plan: MergePlan, base: ModelFolder, models: list[ModelFolder]) -> None:
+def precompile_kernels(
+    plan: MergePlan, base: ModelFolder, models: list[ModelFolder], verbose: bool = False
+) -> None:
     """Have the plan's compiled kernels built outside this process (see ``precompile``)."""
     raw = {
         "uint16" if src.info(t.name).dtype == "BF16" else "float32"
@@ -289,7 +291,13 @@ def precompile_kernels(plan: MergePlan, base: ModelFolder, models: list[ModelFol
         for src in (base, *models)
     }
     if raw and plan.recipe.dtype == torch.float32:
-        kernels.precompile(plan.recipe.method, len(models), sorted(raw))
+        kernels.precompile(
+            plan.recipe.method, len(models), sorted(raw), _announce_compiling if verbose else None
+        )
+
+
+def _announce_compiling() -> None:
+    print("compiling the merge kernels (once per install, up to a minute)...", file=sys.stderr)
 
 
 INCOMPLETE_TEXT = (

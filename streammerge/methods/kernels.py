@@ -26,7 +26,7 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -387,11 +387,14 @@ def warm_up(method: str, k: int, raw_dtypes: Sequence[str]) -> None:
                       None, 1.0)  # fmt: skip
 
 
-def precompile(method: str, k: int, raw_dtypes: Sequence[str]) -> None:
+def precompile(
+    method: str, k: int, raw_dtypes: Sequence[str], announce: Callable[[], None] | None = None
+) -> None:
     """Compile the kernels of a merge in a child process, once per install and kernel source.
 
     numba compiles on first use, and LLVM's working memory (100-300 MB) would count against
-    the merge's ``--max-memory`` if it happened in the merging process. The child fills
+    the merge's ``--max-memory`` if it happened in the merging process (and takes 20-60 s,
+    so ``announce`` is called first when there is work to do). The child fills
     numba's on-disk cache; the merge then only loads machine code from it. A marker file
     next to the cache records success; without a writable cache, or if the child fails,
     compilation simply happens in-process as before.
@@ -406,6 +409,8 @@ def precompile(method: str, k: int, raw_dtypes: Sequence[str]) -> None:
     if marker.exists():
         return
     code = f"from {__name__} import warm_up; warm_up({method!r}, {k}, {sorted(raw_dtypes)!r})"
+    if announce is not None:
+        announce()
     try:
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=900)
         marker.parent.mkdir(exist_ok=True)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from test_remix import write_recipe
 
 from streammerge.synth import generate_family
 
@@ -26,17 +26,7 @@ def sm(*args: object) -> subprocess.CompletedProcess[str]:
 
 
 def recipe(path: Path, base: Path, fts: list[Path], weights: list[float]) -> Path:
-    doc = {
-        "merge_method": "cabs",
-        "base_model": str(base),
-        "models": [
-            {"model": str(f), "parameters": {"weight": w}}
-            for f, w in zip(fts, weights, strict=True)
-        ],
-        "parameters": {"n_val": 16, "m_val": 64},
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return write_recipe(path, base, fts, weights, parameters={"n_val": 16, "m_val": 64})
 
 
 def same_shards(a: Path, b: Path) -> None:

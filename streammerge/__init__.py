@@ -12,14 +12,43 @@ Library entry points (the CLI is a thin layer over these)::
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import InputError, RecipeError, StreamMergeError
+
 __version__ = "0.1.0"
 
-from .engine import RunSummary, run_merge
-from .errors import InputError, RecipeError, StreamMergeError
-from .inspect import MergeReport, inspect_merge
-from .mask_store import read_mask
-from .recipe import Recipe, load_recipe, parse_recipe
-from .remix import add_model, remix_merge
+_LAZY = {
+    "RunSummary": "engine",
+    "run_merge": "engine",
+    "MergeReport": "inspect",
+    "inspect_merge": "inspect",
+    "read_mask": "mask_store",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    "parse_recipe": "recipe",
+    "add_model": "remix",
+    "remix_merge": "remix",
+}
+"""Entry points imported on first use: they pull in torch (seconds), which ``--help`` and
+``--version`` never need."""
+
+if TYPE_CHECKING:
+    from .engine import RunSummary, run_merge
+    from .inspect import MergeReport, inspect_merge
+    from .mask_store import read_mask
+    from .recipe import Recipe, load_recipe, parse_recipe
+    from .remix import add_model, remix_merge
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'streammerge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "InputError",

@@ -13,17 +13,18 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
-from .device import DEVICES
-from .engine import DEFAULT_SHARD_SIZE, RunSummary, TensorReport, run_merge
+from .defaults import DEFAULT_SHARD_SIZE_TEXT, DEVICES
 from .errors import Interrupted, StreamMergeError
 from .memory import format_size, parse_size
-from .planning import PlanReport, describe_plan
-from .recipe import load_recipe
+
+if TYPE_CHECKING:  # torch and numba load only when a command runs, so --help stays fast
+    from .engine import RunSummary, TensorReport
+    from .planning import PlanReport
 
 
 def error(message: str) -> None:
@@ -67,7 +68,24 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         raise click.BadParameter(str(e)) from e
 
 
-@click.group()
+class _Commands(click.Group):
+    """A group that answers ``streammerge recipe.yaml OUT`` (mergekit's habit) with the command
+    to use instead of click's bare "No such command"."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        if name not in self.commands and (name.endswith((".yaml", ".yml")) or Path(name).is_file()):
+            rest = " ".join(args[1:2]) or "OUT_DIR"
+            raise click.UsageError(
+                f"{name!r} is not a command; to merge a recipe run: streammerge run {name} {rest}",
+                ctx,
+            )
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="streammerge")
 def main() -> None:
     """Merge large models out of core, inside a RAM budget."""
@@ -89,8 +107,8 @@ def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "--shard-size",
                 callback=_size,
                 metavar="SIZE",
-                default=str(DEFAULT_SHARD_SIZE),
-                show_default="5GB",
+                default=DEFAULT_SHARD_SIZE_TEXT,
+                show_default=True,
                 help="Maximum size of one output shard.",
             ),
             click.option(
@@ -158,6 +176,9 @@ def run(
     Example:
       streammerge run recipe.yaml merged/ --max-memory 1GiB --log-json merge.jsonl
     """
+    from .engine import run_merge
+    from .recipe import load_recipe
+
     parsed = load_recipe(recipe)
     for w in parsed.warnings:  # before the heavy work, so a typo is seen at once
         warning(w)
@@ -230,6 +251,9 @@ def plan(
     Example:
       streammerge plan recipe.yaml merged/ --max-memory 1GiB --tensors
     """
+    from .planning import describe_plan
+    from .recipe import load_recipe
+
     parsed = load_recipe(recipe)
     report = describe_plan(
         parsed,
@@ -268,6 +292,7 @@ def demo(directory: Path, max_memory: int) -> None:
     Example:
       streammerge demo /tmp/sm-demo
     """
+    from .engine import run_merge
     from .synth import generate_family
 
     if (directory / "merged").exists():
@@ -378,7 +403,7 @@ def _replay_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--max-memory", callback=_size, metavar="SIZE",
                          help="Peak RSS budget, e.g. 1GiB (default: half the available RAM)."),
             click.option("--shard-size", callback=_size, metavar="SIZE",
-                         default=str(DEFAULT_SHARD_SIZE), show_default="5GB",
+                         default=DEFAULT_SHARD_SIZE_TEXT, show_default=True,
                          help="Maximum size of one output shard (use the original run's for "
                          "byte-identical shards)."),
             click.option("--progress/--no-progress", default=True, help="Show a progress bar."),

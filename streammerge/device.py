@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .defaults import DEVICES
 from .errors import StreamMergeError
 
-DEVICES = ("auto", "cpu", "cuda")
 CUDA_METHODS = ("cabs", "task_arithmetic", "linear")
 """Methods whose merge runs on a GPU (their per-chunk math is device-agnostic torch code)."""
 VRAM_RESERVE = 512 * 2**20

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .card import CARD_NAME, model_card
+from .defaults import DEFAULT_SHARD_SIZE
 from .device import CudaStager, default_max_vram, resolve_device
 from .errors import InputError, Interrupted, StreamMergeError
 from .journal import (
@@ -53,7 +54,6 @@ from .recipe import Recipe, load_recipe
 from .safetensors_io import FLOAT_DTYPES, ShardWriter, atomic_write_text, tensor_bytes, write_index
 from .tadrop import TadropConfig, allocate, chunk_sample_slice, kurtosis
 
-DEFAULT_SHARD_SIZE = 5_000_000_000
 JOURNAL_INTERVAL_S = 0.5
 """How often finished chunks are made durable and journaled (at most)."""
 COMPLETE_MARKER = "streammerge.json"

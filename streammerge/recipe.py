@@ -358,6 +358,11 @@ def _model_ref(value: Any, where: str) -> str:
     return value
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+"""``owner/name``: how a hub model is named (a relative path of two parts looks the same, so
+this only adds a hint to a folder that was not found)."""
+
+
 def _resolve(ref: str, recipe_dir: Path, where: str) -> Path:
     p = Path(ref).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p, recipe_dir / p]
@@ -368,6 +373,12 @@ def _resolve(ref: str, recipe_dir: Path, where: str) -> Path:
     hint = ""
     if "+" in ref or "@" in ref:
         hint = "; LoRA ('+') and revision ('@') references are not supported, give a local folder"
+    elif _HUB_ID.fullmatch(ref) and not p.exists():
+        hint = (
+            "; it looks like a Hugging Face hub id, and streammerge reads local folders only "
+            f"(it never downloads): fetch it first with `huggingface-cli download {ref} "
+            f"--local-dir DIR` and give DIR"
+        )
     raise RecipeError(f"{where}: model folder {ref!r} not found (looked in {looked}){hint}")
 
 

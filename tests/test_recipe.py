@@ -201,6 +201,16 @@ def test_missing_model_folder_is_named(folders, tmp_path):
     assert "'models/ft-typo'" in str(e.value) and "models[2]" in str(e.value)
 
 
+def test_hub_id_says_download_first(folders, tmp_path):
+    doc = cabs_doc(folders)
+    doc["base_model"] = "meta-llama/Llama-3.2-1B"
+    with pytest.raises(RecipeError, match="not found") as e:
+        parse_recipe(doc, tmp_path)
+    msg = str(e.value)
+    assert "local folders only" in msg
+    assert "huggingface-cli download meta-llama/Llama-3.2-1B --local-dir DIR" in msg
+
+
 # --------------------------------------------------------------------------------------------
 # Files and relative paths
 

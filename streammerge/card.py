@@ -24,11 +24,19 @@ CARD_NAME = "README.md"
 
 def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], date: str) -> str:
     """The card's text; ``date`` is ``YYYY-MM-DD`` (the day the run started)."""
-    base_ref = recipe.source.get("base_model", str(recipe.base))
+    has_base = "base_model" in recipe.source
+    base_ref = recipe.source.get("base_model")
     base_name = base_ref if isinstance(base_ref, str) else str(recipe.base)
+    # A base-less merge (linear) has no base to name: the Hub reads a list of the merged models.
+    hub_base: str | list[str] = base_name if has_base else [m.name for m in recipe.models]
     front = yaml.safe_dump(
-        {"base_model": base_name, "library_name": "transformers", "tags": ["merge", "streammerge"]},
+        {"base_model": hub_base, "library_name": "transformers", "tags": ["merge", "streammerge"]},
         sort_keys=False,
+    )
+    with_base = (
+        f"with `{base_name}` as the base"
+        if has_base
+        else f"without a base model (`{recipe.models[0].name}` gives the config and layout)"
     )
     merged = [t for t in plan.tensors if t.merged]
     first = merged[0] if merged else None
@@ -38,7 +46,7 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
         "# Merged model",
         "",
         f"This model was merged with streammerge {__version__} on {date} using the "
-        f"`{recipe.method}` method, with `{base_name}` as the base.",
+        f"`{recipe.method}` method, {with_base}.",
         "",
         f"- tensors: {len(merged)} merged, {len(plan.tensors) - len(merged)} copied from the base",
         f"- compute dtype: `{_dtype(recipe.dtype)}`; output dtype: "

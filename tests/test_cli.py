@@ -236,6 +236,20 @@ def test_model_card_tadrop_and_densities(tmp_path, family):
     assert "| density |" in card and "## TADrop" in card and "| mean | min | max |" in card
 
 
+def test_model_card_of_a_baseless_linear_merge_names_no_fine_tune_as_base(tmp_path, family):
+    _, fts = family
+    doc = {"merge_method": "linear", "models": [{"model": str(f), "parameters": {"weight": 0.5}}
+                                                for f in fts]}  # fmt: skip
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "merged"
+    result = run("run", recipe, out, *fast())
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert front_matter(card)["base_model"] == [str(f) for f in fts]
+    assert "as the base" not in card and "without a base model" in card
+
+
 def test_quiet_prints_nothing_but_warnings(tmp_path, family):
     recipe = write_recipe(tmp_path / "r.yaml", *family, frobnicate=3)
     result = run("run", recipe, tmp_path / "out", *fast()[:4], "--quiet")

@@ -139,6 +139,11 @@ def inspect_merge(out_dir: Path | str, *, use_inputs: bool = True) -> MergeRepor
     models = attrs["models"]
     k = len(models)
     names = _mask_names(store, out_dir)
+    if not names:  # a dense method: a table of zeros would read as "nothing was kept"
+        raise StreamMergeError(
+            f"{out_dir}: the {method} merge stored no masks (only sparsifying methods keep "
+            "them); nothing to inspect"
+        )
     recipe, note = _inputs_recipe(attrs, use_inputs)
     inputs = None
     if recipe is not None:

@@ -122,3 +122,17 @@ def test_plot(tmp_path, monkeypatch):
     r = cli("inspect", out, "--plot", tmp_path / "q.png")
     assert r.exit_code == 2 and "matplotlib" in r.stderr and "pip install" in r.stderr
     assert not (tmp_path / "q.png").exists()
+
+
+def test_dense_merge_is_refused_not_reported_as_zeros(tmp_path):
+    base, fts = make_family(tmp_path / "models", k=2)
+    doc = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in fts],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    run_merge(tmp_path / "r.yaml", out, max_memory=2**30)
+    r = cli("inspect", out)
+    assert r.exit_code == 2 and "stored no masks" in r.stderr and "task_arithmetic" in r.stderr

@@ -63,6 +63,7 @@ PER_MODEL: dict[str, set[str]] = {
     "magnitude": {"weight", "density"},
     "linear": {"weight"},
     "cabs": {"weight", "n_val", "m_val"},
+    "slerp": set(),
 }
 """Parameters set per model (a global value is the default for every model)."""
 GLOBAL_ONLY: dict[str, set[str]] = {
@@ -73,6 +74,7 @@ GLOBAL_ONLY: dict[str, set[str]] = {
     "magnitude": _GTA_GLOBALS | _TADROP | {"conflict_aware"},
     "linear": {"normalize"},
     "cabs": {"default_n_val", "default_m_val", "tail_policy", "overlap_policy"} | _TADROP,
+    "slerp": {"t"},
 }
 """Method-level parameters: read from the top-level ``parameters`` only."""
 REQUIRED = {"weight": {"task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude",
@@ -169,6 +171,7 @@ class Recipe:
             lambda_=1.0 if get("lambda") is None else float(get("lambda") or 0.0),
             seed=int(get("random_seed") or 0),
             conflict_aware=bool(flag("conflict_aware")),
+            t=get("t"),
         )
 
     @property
@@ -281,6 +284,13 @@ def parse_recipe(
         raise RecipeError("a model is listed twice under 'models'")
     if method == "cabs":
         _check_nm(entries, settings)
+    if method == "slerp":
+        if len(entries) != 1:
+            raise RecipeError(
+                f"slerp takes exactly one model besides the base_model, got {len(entries)}"
+            )
+        if "t" not in settings:
+            raise RecipeError("slerp needs a 't' under parameters (a number or a gradient)")
 
     order = doc.get("pruning_order")
     if order is not None:

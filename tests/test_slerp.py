@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_family
 from safetensors.torch import load_file
 
 from streammerge.errors import RecipeError
@@ -17,8 +18,6 @@ from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId
 from streammerge.methods.base import run_chunked
 from streammerge.plan import layer_positions
 from streammerge.recipe import parse_recipe
-
-from conftest import make_family
 
 SLERP = METHODS["slerp"]
 P = [ModelParams(1.0)]
@@ -97,8 +96,13 @@ def test_missing_t_is_refused():
 
 
 def _recipe(root: Path, base: Path, fts: list[Path], t: object) -> dict:
-    return {"merge_method": "slerp", "base_model": str(base),
-            "models": [{"model": str(p)} for p in [base, *fts]], "parameters": {"t": t}}  # fmt: skip
+    models = [{"model": str(p)} for p in [base, *fts]]
+    return {
+        "merge_method": "slerp",
+        "base_model": str(base),
+        "models": models,
+        "parameters": {"t": t},
+    }
 
 
 def test_recipe_checks(tmp_path):

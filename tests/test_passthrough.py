@@ -57,6 +57,7 @@ def test_cli_run(tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, "-m", "streammerge", "run", str(rec), str(out),
                     "--no-progress"], check=True, capture_output=True)  # fmt: skip
+    assert "| # | model | scale |" in (out / "README.md").read_text()
     got = load_file(out / "model-00001-of-00001.safetensors")
     src = load_file(fts[0] / "model.safetensors")
     assert set(got) == set(src)

@@ -136,6 +136,7 @@ def test_cli_run_matches_reference(tmp_path):
     cmd = [sys.executable, "-m", "streammerge", "run", str(rec), str(out), "--no-progress",
            "--chunk-elems", "4096"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
+    assert "| # | model | t |" in (out / "README.md").read_text()
     got = load_file(out / "model-00001-of-00001.safetensors")
     b, f = (load_file(p / "model.safetensors") for p in (base, fts[0]))
     recipe = parse_recipe(doc)

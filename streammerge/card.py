@@ -60,9 +60,23 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
         lines += ["Pruning order (earlier models claim their positions first):", ""]
     else:
         lines += ["In processing order (sums are taken in this order):", ""]
-    lines += ["| # | model | weight | " + ("n:m |" if recipe.method == "cabs" else "density |"),
-              "|---|---|---|---|"]  # fmt: skip
-    for k, m in enumerate(recipe.models):
+    no_weights = recipe.method in ("slerp", "passthrough")
+    if no_weights:
+        # no weight/density: slerp's t is global, passthrough's weight is its scale
+        col = "scale" if recipe.method == "passthrough" else "t"
+        lines += [f"| # | model | {col} |", "|---|---|---|"]
+        for k, m in enumerate(recipe.models):
+            if first is None:
+                value = "-"
+            elif recipe.method == "passthrough":
+                value = _num(first.params[k].weight)
+            else:
+                value = "-" if first.options.t is None else _num(first.options.t)
+            lines.append(f"| {k + 1} | `{m.name}` | {value} |")
+    else:
+        lines += ["| # | model | weight | " + ("n:m |" if recipe.method == "cabs" else "density |"),
+                  "|---|---|---|---|"]  # fmt: skip
+    for k, m in enumerate(() if no_weights else recipe.models):
         p = first.params[k] if first is not None else None
         weight = _num(p.weight) if p else "-"
         if recipe.method == "cabs":

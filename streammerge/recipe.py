@@ -63,6 +63,8 @@ PER_MODEL: dict[str, set[str]] = {
     "magnitude": {"weight", "density"},
     "linear": {"weight"},
     "cabs": {"weight", "n_val", "m_val"},
+    "slerp": set(),
+    "passthrough": {"scale"},
 }
 """Parameters set per model (a global value is the default for every model)."""
 GLOBAL_ONLY: dict[str, set[str]] = {
@@ -73,12 +75,16 @@ GLOBAL_ONLY: dict[str, set[str]] = {
     "magnitude": _GTA_GLOBALS | _TADROP | {"conflict_aware"},
     "linear": {"normalize"},
     "cabs": {"default_n_val", "default_m_val", "tail_policy", "overlap_policy"} | _TADROP,
+    "slerp": {"t"},
+    "passthrough": set(),
 }
 """Method-level parameters: read from the top-level ``parameters`` only."""
 REQUIRED = {"weight": {"task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude",
                        "linear"},
             "density": {"dare_ties", "dare_linear", "magnitude"}}  # fmt: skip
 """As in mergekit: these must be given (per model or globally). CABS weights default to 1.0."""
+_NO_BASE = ("linear", "passthrough")
+"""Methods without a base: the first model provides the config and the tensor layout."""
 DEFAULTS = {"weight": 1.0, "density": 1.0}
 STRING_PARAMS = {"tail_policy": TAIL_POLICIES, "overlap_policy": OVERLAP_POLICIES}
 ALIASES = {"n_val": "default_n_val", "m_val": "default_m_val"}  # the CABS PR's global names
@@ -140,6 +146,9 @@ class Recipe:
                 raise RecipeError(f"missing parameter {name!r} for model {e.name}, tensor {tensor}")
             return DEFAULTS.get(name) if x is None else x
 
+        if self.method == "passthrough":
+            scale = get("scale")
+            return ModelParams(1.0 if scale is None else scale)
         weight, density = get("weight"), get("density")
         assert weight is not None and density is not None
         if self.method != "cabs":
@@ -169,6 +178,7 @@ class Recipe:
             lambda_=1.0 if get("lambda") is None else float(get("lambda") or 0.0),
             seed=int(get("random_seed") or 0),
             conflict_aware=bool(flag("conflict_aware")),
+            t=get("t"),
         )
 
     @property
@@ -218,7 +228,7 @@ def parse_recipe(
     if method not in METHODS:
         raise RecipeError(f"merge_method must be one of {sorted(METHODS)}, got {method!r}")
     per_model, global_only = PER_MODEL[method], GLOBAL_ONLY[method]
-    if "base_model" not in doc and not (method == "linear" and doc.get("models")):
+    if "base_model" not in doc and not (method in _NO_BASE and doc.get("models")):
         raise RecipeError(f"{method} needs a base_model")
     raw_models = doc.get("models")
     if not isinstance(raw_models, list) or not raw_models:
@@ -265,7 +275,7 @@ def parse_recipe(
             path = _resolve(ref, recipe_dir, f"{where}.model")
         else:
             path = Path(ref).expanduser().resolve()
-        if path == base and method != "linear":
+        if path == base and method not in _NO_BASE:
             continue  # mergekit habit: the base listed among the models is the base, not a task
         unknown = sorted(set(mparams) - per_model)
         if unknown:
@@ -281,6 +291,15 @@ def parse_recipe(
         raise RecipeError("a model is listed twice under 'models'")
     if method == "cabs":
         _check_nm(entries, settings)
+    if method == "passthrough" and len(entries) != 1:
+        raise RecipeError(f"passthrough takes exactly one model, got {len(entries)}")
+    if method == "slerp":
+        if len(entries) != 1:
+            raise RecipeError(
+                f"slerp takes exactly one model besides the base_model, got {len(entries)}"
+            )
+        if "t" not in settings:
+            raise RecipeError("slerp needs a 't' under parameters (a number or a gradient)")
 
     order = doc.get("pruning_order")
     if order is not None:

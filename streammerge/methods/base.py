@@ -66,6 +66,8 @@ class MethodOptions:
     """Seed of the random streams (DARE)."""
     conflict_aware: bool = False
     """``magnitude`` only: later models select only among positions earlier ones left free."""
+    t: float | None = None
+    """``slerp`` only: interpolation position, 0 = the base, 1 = the other model."""
 
     def __post_init__(self) -> None:
         if self.tail_policy not in TAIL_POLICIES:

@@ -51,12 +51,16 @@ class ModelFolder:
                 if name not in f.tensors:
                     raise InputError(f"{f.path}: tensor {name!r} listed in {INDEX_NAME} is missing")
                 self.where[name] = f
+        if not self.where:
+            raise InputError(f"{path}: the model has no tensors")
 
     def _read_index(self, index: Path) -> dict[str, list[str] | None]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"{index}: unreadable index ({e})") from e
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: weight_map must be an object mapping tensor to shard")
         shards: dict[str, list[str] | None] = {}
         for name, fname in weight_map.items():
             # judge the name as written: a plain file name in this folder. (Following links

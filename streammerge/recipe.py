@@ -187,11 +187,47 @@ class Recipe:
         return bool(x) if isinstance(x, float) else False
 
 
+MAX_RECIPE_BYTES = 1 << 20
+"""Largest recipe file accepted (bytes)."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of YAML collections accepted."""
+MAX_YAML_ALIASES = 100
+"""Most YAML aliases (``*name``) accepted: bounds alias-bomb expansion."""
+
+
+def _check_yaml_structure(path: Path, text: str) -> None:
+    """Refuse YAML nested deeper than MAX_YAML_DEPTH or with more than MAX_YAML_ALIASES aliases.
+
+    Scans parser events only (nothing is built), so a hostile file costs O(size).
+    """
+    depth = aliases = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise RecipeError(f"{path}: recipe is nested deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        elif isinstance(ev, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_YAML_ALIASES:
+                raise RecipeError(f"{path}: recipe uses more than {MAX_YAML_ALIASES} YAML aliases")
+
+
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file."""
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: recipe is larger than {MAX_RECIPE_BYTES} bytes")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path}: recipe is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        _check_yaml_structure(path, text)
         doc = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: recipe is nested too deeply") from None
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from e
     except yaml.YAMLError as e:

@@ -136,11 +136,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise InputError(
                 f"{path}: tensor {name!r}: shape and data_offsets must be integer lists"
             )
+        _check_name(path, name, tensors)
         shape, (b, e) = tuple(shape), offsets
         if dtype not in ITEMSIZE:
             raise InputError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
         info = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
-        if b < 0 or e < b or any(d < 0 for d in shape):
+        if b < 0 or e < b or any(d < 0 or d >= 2**63 for d in shape) or e >= 2**63:
             raise InputError(f"{path}: tensor {name!r}: invalid offsets [{b}, {e}] or shape")
         if info.nbytes != info.numel * info.itemsize:
             raise InputError(
@@ -158,6 +159,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if b1 < e0:
             raise InputError(f"{path}: tensors {a!r} and {b!r} overlap in the data buffer")
     return tensors, meta
+
+
+def _check_name(path: Path, name: str, seen: dict[str, TensorInfo]) -> None:
+    """Refuse a tensor name that is not a valid, unambiguous store key (zarr path)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{path}: tensor {name!r}: name is not valid UTF-8") from None
+    parts = name.split("/")
+    if not name or any(p in ("", ".", "..") for p in parts) or "\\" in name or "\x00" in name:
+        raise InputError(f"{path}: tensor {name!r}: name is not a valid tensor key")
+    for other in seen:
+        if other.startswith(name + "/") or name.startswith(other + "/"):
+            raise InputError(
+                f"{path}: tensor {name!r}: clashes with tensor {other!r} (one is a prefix folder)"
+            )
 
 
 def _int_list(x: object) -> bool:

@@ -223,7 +223,9 @@ def load_recipe(path: Path) -> Recipe:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise RecipeError(f"{path}: recipe is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise RecipeError(
+                f"{path}: recipe is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
         _check_yaml_structure(path, text)
         doc = yaml.safe_load(text)
     except RecursionError:

@@ -136,7 +136,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise InputError(
                 f"{path}: tensor {name!r}: shape and data_offsets must be integer lists"
             )
-        _check_name(path, name, tensors)
+        _check_name(path, name)
         shape, (b, e) = tuple(shape), offsets
         if dtype not in ITEMSIZE:
             raise InputError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
@@ -158,11 +158,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for (_, e0, a), (b1, _, b) in itertools.pairwise(spans):
         if b1 < e0:
             raise InputError(f"{path}: tensors {a!r} and {b!r} overlap in the data buffer")
+    _check_folders(path, tensors)
     return tensors, meta
 
 
-def _check_name(path: Path, name: str, seen: dict[str, TensorInfo]) -> None:
-    """Refuse a tensor name that is not a valid, unambiguous store key (zarr path)."""
+def _check_name(path: Path, name: str) -> None:
+    """Refuse a tensor name that is not a valid store key (zarr path)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -170,11 +171,22 @@ def _check_name(path: Path, name: str, seen: dict[str, TensorInfo]) -> None:
     parts = name.split("/")
     if not name or any(p in ("", ".", "..") for p in parts) or "\\" in name or "\x00" in name:
         raise InputError(f"{path}: tensor {name!r}: name is not a valid tensor key")
-    for other in seen:
-        if other.startswith(name + "/") or name.startswith(other + "/"):
-            raise InputError(
-                f"{path}: tensor {name!r}: clashes with tensor {other!r} (one is a prefix folder)"
-            )
+
+
+def _check_folders(path: Path, names: Iterable[str]) -> None:
+    """Refuse a name that is also a folder of another (``p`` beside ``p/q``): the two would
+    collide as store keys. Linear in the total name length, so 90,000-tensor MoE headers
+    cost nothing noticeable."""
+    known = set(names)
+    for name in sorted(known):  # sorted: the same error line on every run
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in known:
+                raise InputError(
+                    f"{path}: tensor {folder!r}: clashes with tensor {name!r} "
+                    "(one is a prefix folder of the other)"
+                )
 
 
 def _int_list(x: object) -> bool:

@@ -28,7 +28,7 @@ def _entry(shape: list, b: int = 0, e: int = 4) -> dict:
 def test_weight_map_not_object(tmp_path: Path, wm: object) -> None:
     _write_st(tmp_path / "model-1.safetensors", {"a": _entry([1])}, b"\0" * 4)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
-    with pytest.raises(StreamMergeError, match="index.json"):
+    with pytest.raises(StreamMergeError, match=r"index\.json"):
         ModelFolder(tmp_path)
 
 
@@ -46,7 +46,9 @@ def test_bad_dimension(tmp_path: Path, shape: list) -> None:
         read_header(p)
 
 
-@pytest.mark.parametrize("names", [["../x"], [""], ["a/../b"], ["/abs"], ["p", "p/q"], ["p/q", "p"]])
+@pytest.mark.parametrize(
+    "names", [["../x"], [""], ["a/../b"], ["/abs"], ["p", "p/q"], ["p/q", "p"]]
+)
 def test_bad_tensor_names(tmp_path: Path, names: list[str]) -> None:
     header = {n: _entry([1], 4 * i, 4 * i + 4) for i, n in enumerate(names)}
     p = _write_st(tmp_path / "m.safetensors", header, b"\0" * (4 * len(names)))
@@ -80,26 +82,25 @@ VALID = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1
 @pytest.mark.parametrize("enc", ["utf-16", "latin-1"])
 def test_recipe_encoding(tmp_path: Path, enc: str) -> None:
     p = _recipe(tmp_path, ("# café\n" + VALID).encode(enc))
-    with pytest.raises(StreamMergeError, match="recipe.yaml"):
+    with pytest.raises(StreamMergeError, match=r"recipe\.yaml"):
         load_recipe(p)
 
 
 def test_recipe_deep(tmp_path: Path) -> None:
     p = _recipe(tmp_path, (VALID + "x: " + "[" * 50000 + "]" * 50000 + "\n").encode())
-    with pytest.raises(StreamMergeError, match="recipe.yaml: .*nested"):
+    with pytest.raises(StreamMergeError, match=r"recipe\.yaml: .*nested"):
         load_recipe(p)
 
 
 def test_recipe_alias_bomb(tmp_path: Path) -> None:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    for i in range(1, 12):
-        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 12)]
     p = _recipe(tmp_path, (VALID + "junk:\n" + "\n".join("  " + ln for ln in lines)).encode())
-    with pytest.raises(StreamMergeError, match="recipe.yaml: .*alias"):
+    with pytest.raises(StreamMergeError, match=r"recipe\.yaml: .*alias"):
         load_recipe(p)
 
 
 def test_recipe_too_big(tmp_path: Path) -> None:
     p = _recipe(tmp_path, (VALID + "#" * (2 << 20) + "\n").encode())
-    with pytest.raises(StreamMergeError, match="recipe.yaml: .*larger"):
+    with pytest.raises(StreamMergeError, match=r"recipe\.yaml: .*larger"):
         load_recipe(p)

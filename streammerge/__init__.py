@@ -20,7 +20,8 @@ from .errors import InputError, RecipeError, StreamMergeError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "RunSummary": "engine",
+    "MergeOptions": "options",
+    "RunSummary": "results",
     "run_merge": "engine",
     "MergeReport": "inspect",
     "inspect_merge": "inspect",
@@ -35,11 +36,13 @@ _LAZY = {
 ``--version`` never need."""
 
 if TYPE_CHECKING:
-    from .engine import RunSummary, run_merge
+    from .engine import run_merge
     from .inspect import MergeReport, inspect_merge
     from .mask_store import read_mask
+    from .options import MergeOptions
     from .recipe import Recipe, load_recipe, parse_recipe
     from .remix import add_model, remix_merge
+    from .results import RunSummary
 
 
 def __getattr__(name: str) -> Any:
@@ -52,6 +55,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "InputError",
+    "MergeOptions",
     "MergeReport",
     "Recipe",
     "RecipeError",

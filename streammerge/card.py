@@ -56,34 +56,14 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
         excluded = ", ".join(f"`{p}`" for p in recipe.exclude)
         lines.append(f"- excluded (copied from the base): {excluded}")
     lines += ["", "## Models", ""]
-    if recipe.method == "cabs":
-        lines += ["Pruning order (earlier models claim their positions first):", ""]
-    else:
-        lines += ["In processing order (sums are taken in this order):", ""]
-    no_weights = recipe.method in ("slerp", "passthrough")
-    if no_weights:
-        # no weight/density: slerp's t is global, passthrough's weight is its scale
-        col = "scale" if recipe.method == "passthrough" else "t"
-        lines += [f"| # | model | {col} |", "|---|---|---|"]
-        for k, m in enumerate(recipe.models):
-            if first is None:
-                value = "-"
-            elif recipe.method == "passthrough":
-                value = _num(first.params[k].weight)
-            else:
-                value = "-" if first.options.t is None else _num(first.options.t)
-            lines.append(f"| {k + 1} | `{m.name}` | {value} |")
-    else:
-        lines += ["| # | model | weight | " + ("n:m |" if recipe.method == "cabs" else "density |"),
-                  "|---|---|---|---|"]  # fmt: skip
-    for k, m in enumerate(() if no_weights else recipe.models):
-        p = first.params[k] if first is not None else None
-        weight = _num(p.weight) if p else "-"
-        if recipe.method == "cabs":
-            extra = f"{p.n}:{p.m}" if p else "-"
-        else:
-            extra = _num(p.density) if p else "-"
-        lines.append(f"| {k + 1} | `{m.name}` | {weight} | {extra} |")
+    spec = recipe.impl.spec
+    lines += [spec.order_note, ""]
+    columns = spec.card
+    lines += ["| # | model | " + "".join(f"{c.header} | " for c in columns).rstrip(),
+              "|---|---|" + "---|" * len(columns)]  # fmt: skip
+    for k, m in enumerate(recipe.models):
+        cells = [c.value(first.params[k], first.options) if first else "-" for c in columns]
+        lines.append(f"| {k + 1} | `{m.name}` | " + " | ".join(cells) + " |")
     if first is not None and _varies(merged):
         lines += ["", f"Values shown are those of the first merged tensor (`{first.name}`); the "
                   "recipe sets some per tensor."]  # fmt: skip
@@ -107,10 +87,6 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
 
 def _dtype(d: object) -> str:
     return str(d).removeprefix("torch.")
-
-
-def _num(x: float) -> str:
-    return f"{x:g}"
 
 
 def _varies(tasks: Sequence[TensorTask]) -> bool:

@@ -21,6 +21,7 @@ from . import __version__
 from .defaults import DEFAULT_SHARD_SIZE_TEXT, DEVICES
 from .errors import Interrupted, StreamMergeError
 from .memory import format_size, parse_size
+from .options import MergeOptions
 
 if TYPE_CHECKING:  # torch and numba load only when a command runs, so --help stays fast
     from .engine import RunSummary, TensorReport
@@ -114,6 +115,20 @@ def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--chunk-elems", type=int, hidden=True, help="Force the chunk length (testing)."
             ),
+            click.option(
+                "--device",
+                type=click.Choice(DEVICES),
+                default="cpu",
+                show_default=True,
+                help="Where the math runs; auto = cuda when a GPU is usable (same bytes "
+                "either way).",
+            ),
+            click.option(
+                "--max-vram",
+                callback=_size,
+                metavar="SIZE",
+                help="Peak GPU memory budget with --device cuda (default: 90% of the free VRAM).",
+            ),
         ]
     ):
         fn = option(fn)
@@ -136,19 +151,6 @@ def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--force", is_flag=True, help="Replace a finished merge in OUT_DIR.")
 @click.option(
     "--allow-nonfinite", is_flag=True, help="Merge NaN/Inf input values instead of failing."
-)
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default="cpu",
-    show_default=True,
-    help="Where the math runs; auto = cuda when a GPU is usable (same bytes either way).",
-)
-@click.option(
-    "--max-vram",
-    callback=_size,
-    metavar="SIZE",
-    help="Peak GPU memory budget with --device cuda (default: 90% of the free VRAM).",
 )
 @_user_errors
 def run(
@@ -184,20 +186,19 @@ def run(
         warning(w)
     log = _open_log(log_json) if log_json is not None else None
     try:
-        summary = run_merge(
-            parsed,
-            out_dir,
+        options = MergeOptions(
             max_memory=max_memory,
             shard_size=shard_size,
+            chunk_elems=chunk_elems,
             progress=progress and not quiet,
             restart=restart,
             force=force,
             allow_nonfinite=allow_nonfinite,
-            chunk_elems=chunk_elems,
             device=device,
             max_vram=max_vram,
-            on_tensor=None if log is None else functools.partial(_log_tensor, log),
         )
+        on_tensor = None if log is None else functools.partial(_log_tensor, log)
+        summary = run_merge(parsed, out_dir, options, on_tensor=on_tensor)
     finally:
         if log is not None:
             log.close()
@@ -237,6 +238,8 @@ def plan(
     max_memory: int | None,
     shard_size: int,
     chunk_elems: int | None,
+    device: str,
+    max_vram: int | None,
     tensors: bool,
     as_json: bool,
     calibrate: bool,
@@ -255,14 +258,9 @@ def plan(
     from .recipe import load_recipe
 
     parsed = load_recipe(recipe)
-    report = describe_plan(
-        parsed,
-        out_dir,
-        max_memory=max_memory,
-        shard_size=shard_size,
-        chunk_elems=chunk_elems,
-        calibrate=calibrate,
-    )
+    options = MergeOptions(max_memory=max_memory, shard_size=shard_size, chunk_elems=chunk_elems,
+                           device=device, max_vram=max_vram)  # fmt: skip
+    report = describe_plan(parsed, out_dir, options, calibrate=calibrate)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -336,7 +334,9 @@ def _print_plan(r: PlanReport, tensors: bool) -> None:
         f"(budget {format_size(r.max_memory)})"
     )
     vram = "n/a (cpu)" if r.predicted_peak_vram is None else format_size(r.predicted_peak_vram)
-    click.echo(f"peak VRAM: {vram}")
+    click.echo(f"device: {r.device}; peak VRAM: {vram}")
+    for line in r.stats:
+        click.echo(f"statistics pass: {line}")
     click.echo(
         f"disk: {format_size(r.disk_needed)} needed (shards and occupancy store), "
         f"{format_size(r.disk_free)} free"
@@ -445,7 +445,7 @@ def remix(out_dir: Path, new_out: Path, weights: dict[str, float], **run_opts: A
     """
     from .remix import remix_merge
 
-    _print_summary(remix_merge(out_dir, new_out, weights, **run_opts))
+    _print_summary(remix_merge(out_dir, new_out, weights, MergeOptions(**run_opts)))
 
 
 @main.command()
@@ -478,7 +478,8 @@ def add(
     """
     from .remix import add_model
 
-    _print_summary(add_model(out_dir, new_out, model, weight, n_val=n_val, m_val=m_val, **run_opts))
+    options = MergeOptions(**run_opts)
+    _print_summary(add_model(out_dir, new_out, model, weight, options, n_val=n_val, m_val=m_val))
 
 
 @main.command()

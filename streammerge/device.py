@@ -23,21 +23,21 @@ import torch
 
 from .defaults import DEVICES
 from .errors import StreamMergeError
-
-CUDA_METHODS = ("cabs", "task_arithmetic", "linear")
-"""Methods whose merge runs on a GPU (their per-chunk math is device-agnostic torch code)."""
-VRAM_RESERVE = 512 * 2**20
-"""VRAM left out of ``--max-vram`` for the CUDA context's allocator slack, in bytes."""
+from .methods import METHODS
+from .methods.spec import MethodSpec
 
 
-def resolve_device(name: str, method: str) -> torch.device:
-    """``auto`` is ``cuda`` when a GPU is usable and the method runs there, else ``cpu``."""
+def resolve_device(name: str, method: str | MethodSpec) -> torch.device:
+    """``auto`` is ``cuda`` when a GPU is usable and the method runs there (its spec says
+    ``cuda``), else ``cpu``."""
+    spec = METHODS[method].spec if isinstance(method, str) else method
+    on_gpu = sorted(m.name for m in METHODS.values() if m.spec.cuda)
     if name not in DEVICES:
         raise StreamMergeError(f"--device must be one of {', '.join(DEVICES)}, not {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name == "auto":
-        return torch.device("cuda" if method in CUDA_METHODS else "cpu")
+        return torch.device("cuda" if spec.cuda else "cpu")
     if not torch.cuda.is_available():
         why = (
             "this torch build has no CUDA support"
@@ -45,33 +45,12 @@ def resolve_device(name: str, method: str) -> torch.device:
             else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)"
         )
         raise StreamMergeError(f"--device cuda was asked for, but {why}; use --device cpu")
-    if method not in CUDA_METHODS:
+    if not spec.cuda:
         raise StreamMergeError(
-            f"merge_method {method} runs on the CPU only (GPU: {', '.join(CUDA_METHODS)}); "
+            f"merge_method {spec.name} runs on the CPU only (GPU: {', '.join(on_gpu)}); "
             "use --device cpu"
         )
     return torch.device("cuda")
-
-
-def vram_bytes_per_element(k_models: int, work_bytes: int) -> float:
-    """Peak VRAM per chunk element: two chunks of bf16 inputs in flight (K + 1 models), the
-    method's torch temporaries, and the output and bool masks on their way back; x1.25 for
-    the caching allocator's rounding."""
-    return 1.25 * (2 * 2 * (k_models + 1) + work_bytes + 4 + k_models)
-
-
-def host_bytes_per_element(k_models: int) -> float:
-    """Host RSS per chunk element on the GPU path: mapped inputs, two pinned input slots, and
-    two pinned output slots (up to 4-byte output + bool masks); x1.5 as on the CPU path."""
-    return 1.5 * (2 * (k_models + 1) * 3 + 2 * (4 + k_models))
-
-
-def vram_chunk_elems(max_vram: int, k_models: int, work_bytes: int) -> int:
-    """The chunk length (elements) that keeps peak VRAM under ``max_vram`` bytes."""
-    room = max_vram - VRAM_RESERVE
-    if room <= 0:
-        raise StreamMergeError(f"--max-vram must be more than {VRAM_RESERVE // 2**20} MiB")
-    return int(room / vram_bytes_per_element(k_models, work_bytes))
 
 
 def default_max_vram(device: torch.device) -> int:

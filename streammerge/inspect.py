@@ -25,8 +25,9 @@ import torch
 
 from .errors import StreamMergeError
 from .mask_store import STORE_NAME, ZarrMaskStore
+from .methods import METHODS
 from .methods.nm import magnitude_key, nm_select
-from .model import ModelFolder
+from .model import ModelFolder, read_chunks
 from .recipe import Recipe, parse_recipe
 
 CHUNK_ELEMS = 1 << 22
@@ -180,8 +181,10 @@ def inspect_merge(out_dir: Path | str, *, use_inputs: bool = True) -> MergeRepor
     layers = _group(rows, k)
     total = _sum("total", rows, k)
     policy = None
-    if method == "cabs":
-        policy = (attrs.get("recipe", {}).get("parameters") or {}).get("overlap_policy", "strict")
+    spec = METHODS[method].spec if method in METHODS else None
+    if spec is not None and (param := spec.param("overlap_policy")) is not None:
+        stored = attrs.get("recipe", {}).get("parameters") or {}
+        policy = stored.get("overlap_policy", param.default)
     return MergeReport(
         out_dir=out_dir,
         method=method,
@@ -214,8 +217,9 @@ def _mask_names(store: ZarrMaskStore, out_dir: Path) -> list[str]:
 
 def _inputs_recipe(attrs: dict[str, Any], use_inputs: bool) -> tuple[Recipe | None, str]:
     """The merge's recipe when the independent overlap can be computed, else why not."""
-    if attrs["method"] != "cabs":
-        return None, "not applicable: independent n:m overlap is defined for CABS merges"
+    method = METHODS.get(attrs["method"])
+    if method is None or not method.spec.nm_blocks:
+        return None, "not applicable: independent n:m overlap is defined for n:m merges (CABS)"
     if not use_inputs:
         return None, "skipped (--no-inputs)"
     from .remix import stored_recipe_doc
@@ -244,17 +248,15 @@ def _independent_overlap(
     chunk: int,
 ) -> int:
     """Positions where two or more models' own n:m masks (tau != 0) coincide, streamed."""
-    base, fts = inputs[0], inputs[1:]
     tail = recipe.strings.get("tail_policy", "keep_topn_padded")
     total = 0
-    for s, e in _ranges(numel, chunk):
-        b = base.read(name, s, e).to(recipe.dtype)
+    for s, e, views in read_chunks(inputs, name, _ranges(numel, chunk)):
+        b = views[0].to(recipe.dtype)
         count = torch.zeros(e - s, dtype=torch.int8)
-        for ft, (n, m) in zip(fts, nm, strict=True):
-            tau = ft.read(name, s, e).to(recipe.dtype, copy=True).sub_(b)
+        for ft, (n, m) in zip(views[1:], nm, strict=True):
+            tau = ft.to(recipe.dtype, copy=True).sub_(b)
             count += nm_select(magnitude_key(tau), n, m, tail) & (tau != 0)
-            ft.where[name].release(name, s, e)
-        base.where[name].release(name, s, e)
+        del b, views
         total += int(torch.count_nonzero(count >= 2))
     return total
 

@@ -16,9 +16,10 @@ Layout of ``OUT_DIR/occupancy.zarr`` (zarr v3):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from zarr.codecs import ZstdCodec
 
 from .errors import StreamMergeError
 from .journal import fsync_file
+
+if TYPE_CHECKING:
+    from .plan import MergePlan
 
 STORE_NAME = "occupancy.zarr"
 
@@ -241,3 +245,28 @@ def model_index(attrs: Mapping[str, Any], model: int | str) -> int:
         problem = "matches several models" if hits else "is not a model of this merge"
         raise StreamMergeError(f"{model!r} {problem} (models: {names})")
     return hits[0]
+
+
+def merge_attrs(plan: MergePlan, tadrop: Mapping[str, object]) -> dict[str, object]:
+    """The store's group attributes for a merge: provenance, and what remix/add rebuild the
+    recipe from (models in processing order with their first merged tensor's parameters)."""
+    from . import __version__
+
+    recipe = plan.recipe
+    first = next((t for t in plan.tensors if t.merged), None)
+    models = []
+    for k, m in enumerate(recipe.models):
+        entry: dict[str, object] = {"name": m.name, "path": str(m.path)}
+        if first is not None:  # per-tensor values are on each mask array
+            p = first.params[k]
+            entry.update(weight=p.weight, density=p.density, n=p.n, m=p.m)
+        models.append(entry)
+    return {
+        "streammerge_version": __version__,
+        "method": recipe.method,
+        "recipe": json.loads(json.dumps(recipe.source, default=str)),
+        "base": str(recipe.base),
+        "models": models,
+        "order": [m.name for m in recipe.models],
+        "tadrop": dict(tadrop),
+    }

@@ -1,4 +1,8 @@
-"""Memory: human sizes, RSS measurement, and turning a budget into a chunk size.
+"""Memory: human sizes, RSS measurement, and the one place a budget becomes a chunk length.
+
+:func:`decide_chunk` turns ``--max-memory`` (and ``--max-vram`` on the GPU path) and the
+method's footprint per element into the chunk length that ``run``, ``plan``, remix/add and
+the GPU path all use; :func:`predict_peak_rss` is ``plan``'s estimate of the resulting peak.
 
 RSS here means what the kernel charges this process: anonymous memory (our buffers) plus
 file-backed pages currently mapped (input shards we have touched and not yet released).
@@ -11,10 +15,14 @@ import re
 import resource
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
 
 from .errors import StreamMergeError
+
+if TYPE_CHECKING:
+    from .methods.base import Method
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -127,6 +135,55 @@ def plan_budget(max_memory: int, per_element: float) -> Budget:
             f"about {format_size(baseline)}; allow at least {format_size(need)}"
         )
     return Budget(max_memory, baseline, min(chunk, MAX_CHUNK_ELEMS))
+
+
+VRAM_RESERVE = 512 * 2**20
+"""VRAM left out of ``--max-vram`` for the CUDA context's allocator slack, in bytes."""
+
+
+def vram_bytes_per_element(k_models: int, work_bytes: int) -> float:
+    """Peak VRAM per chunk element: two chunks of bf16 inputs in flight (K + 1 models), the
+    method's torch temporaries, and the output and bool masks on their way back; x1.25 for
+    the caching allocator's rounding."""
+    return 1.25 * (2 * 2 * (k_models + 1) + work_bytes + 4 + k_models)
+
+
+def host_bytes_per_element(k_models: int) -> float:
+    """Host RSS per chunk element on the GPU path: mapped inputs, two pinned input slots, and
+    two pinned output slots (up to 4-byte output + bool masks); x1.5 as on the CPU path."""
+    return 1.5 * (2 * (k_models + 1) * 3 + 2 * (4 + k_models))
+
+
+def vram_chunk_elems(max_vram: int, k_models: int, work_bytes: int) -> int:
+    """The chunk length (elements) that keeps peak VRAM under ``max_vram`` bytes."""
+    room = max_vram - VRAM_RESERVE
+    if room <= 0:
+        raise StreamMergeError(f"--max-vram must be more than {VRAM_RESERVE // 2**20} MiB")
+    return int(room / vram_bytes_per_element(k_models, work_bytes))
+
+
+def decide_chunk(
+    max_memory: int,
+    method: Method,
+    k_models: int,
+    itemsize: int,
+    *,
+    max_vram: int | None = None,
+    chunk_elems: int | None = None,
+) -> Budget:
+    """The chunk length of a merge: from the RSS budget and the method's temporaries per
+    element (``itemsize``: the compute dtype's), also bounded by ``max_vram`` on the GPU
+    path; an explicit ``chunk_elems`` (tests, a resumed run's) bypasses the budget."""
+    if chunk_elems is not None:
+        return Budget(max_memory, 0, chunk_elems)
+    work = method.work_bytes(k_models, itemsize)
+    if max_vram is None:
+        return plan_budget(max_memory, bytes_per_element(k_models, work))
+    budget = plan_budget(max_memory, host_bytes_per_element(k_models))
+    # on the GPU the methods run their torch code, whose temporaries are the larger ones
+    work = max(work, 3 * itemsize + 16)
+    chunk = min(budget.chunk_elems, vram_chunk_elems(max_vram, k_models, work))
+    return Budget(budget.max_memory, budget.baseline, chunk)
 
 
 RUN_OVERHEAD = 48 * 2**20

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -93,12 +93,56 @@ class ModelFolder:
         """Tensor names in on-disk order (shard by shard, by offset): a stable plan order."""
         return sorted(self.where, key=lambda n: (self.where[n].path.name, self.info(n).begin, n))
 
+    def file_of(self, name: str) -> Path:
+        """The shard file holding tensor ``name`` (for error messages)."""
+        return self.where[name].path
+
     def read(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Zero-copy 1-D view of elements ``[start, end)``; :meth:`release` it once consumed."""
         return self.where[name].read(name, start, end)
+
+    def read_bytes(self, name: str, start: int, end: int) -> bytes:
+        """A copy of the raw bytes of elements ``[start, end)`` (any dtype)."""
+        return self.where[name].read_bytes(name, start, end)
+
+    def preload(self, name: str, start: int, end: int, buf: bytearray) -> None:
+        """Pull elements ``[start, end)`` into the page cache without mapping them (blocking:
+        run it on a reader thread); ``buf`` is scratch space."""
+        self.where[name].preload(name, start, end, buf)
+
+    def release(self, name: str, start: int, end: int) -> None:
+        """Drop the mapped pages of a consumed range from RSS (they stay in the page cache)."""
+        self.where[name].release(name, start, end)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+Chunk = tuple[int, int, list[torch.Tensor]]
+"""``(start, end, views)``: one element range and a zero-copy view of it per source."""
+
+
+def read_chunks(
+    sources: Sequence[ModelFolder],
+    name: str,
+    ranges: Iterable[tuple[int, int]],
+    before: Callable[[int], None] | None = None,
+) -> Iterator[Chunk]:
+    """Walk tensor ``name`` of every source chunk by chunk, releasing each chunk's pages once
+    the consumer asks for the next one (or stops), so mapped input never accumulates in RSS.
+
+    ``before(i)`` runs before chunk ``i`` is mapped (the scheduler starts its read-ahead there).
+    The consumer must drop the views before asking for the next chunk.
+    """
+    for i, (s, e) in enumerate(ranges):
+        if before is not None:
+            before(i)
+        try:
+            yield s, e, [src.read(name, s, e) for src in sources]
+        finally:
+            for src in sources:
+                src.release(name, s, e)
 
 
 def check_compatible(base: ModelFolder, others: Sequence[ModelFolder]) -> None:

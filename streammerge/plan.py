@@ -11,19 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from .device import host_bytes_per_element, vram_chunk_elems
-from .errors import RecipeError, StreamMergeError
-from .memory import Budget, bytes_per_element, plan_budget
-from .methods import METHODS, MethodOptions, ModelParams
+from .errors import RecipeError
+from .memory import Budget, decide_chunk
+from .methods import MethodOptions, ModelParams
 from .model import ModelFolder, check_compatible
 from .params import layer_t, num_layers
 from .recipe import Recipe
-from .safetensors_io import TORCH_TO_ST, ShardPlan, plan_shards
-from .tadrop import nm_from_density
+from .safetensors_io import ITEMSIZE, TORCH_TO_ST, ShardPlan, plan_shards
 
 Densities = Mapping[tuple[int, str], float]
 """TADrop's per-(model index, tensor name) densities."""
@@ -36,6 +33,8 @@ class TensorTask:
     name: str
     shape: tuple[int, ...]
     numel: int
+    in_dtype: str
+    """safetensors dtype string of the base's tensor."""
     out_dtype: str
     """safetensors dtype string of the output."""
     merged: bool
@@ -69,21 +68,11 @@ class MergePlan:
 
 
 def tensor_params(
-    recipe: Recipe, name: str, t: float, densities: Densities | None = None
+    recipe: Recipe, name: str, t: float
 ) -> tuple[tuple[ModelParams, ...], MethodOptions]:
     """Every model's parameters and the method options for tensor ``name`` at position ``t``."""
-    params = []
-    for k in range(len(recipe.models)):
-        p = recipe.model_params(k, name, t)
-        if densities is not None and (k, name) in densities:
-            d = densities[(k, name)]
-            if recipe.method == "cabs":
-                n = nm_from_density(d, p.m)
-                p = ModelParams(p.weight, n, p.m, density=n / p.m)
-            else:
-                p = ModelParams(p.weight, density=d)
-        params.append(p)
-    return tuple(params), recipe.options(name, t)
+    params = tuple(recipe.model_params(k, name, t) for k in range(len(recipe.models)))
+    return params, recipe.options(name, t)
 
 
 def layer_positions(names: list[str]) -> dict[str, float]:
@@ -99,74 +88,73 @@ def build_plan(
     max_memory: int,
     shard_size: int,
     chunk_elems: int | None = None,
-    densities: Densities | None = None,
     vram: int | None = None,
 ) -> MergePlan:
     """Validate the inputs together and lay out the whole merge.
 
     ``chunk_elems`` overrides the budget-derived chunk length (tests use it to split tensors
-    at awkward places); it is still rounded to each tensor's alignment. ``vram`` (bytes) plans
-    for the GPU: host buffers are sized for pinned staging and chunks also fit the VRAM.
+    at awkward places; a resume uses the interrupted run's); it is still rounded to each
+    tensor's alignment. ``vram`` (bytes) plans for the GPU (see :func:`decide_chunk`).
     """
     check_compatible(base, models)
-    method = METHODS[recipe.method]
+    method = recipe.impl
     itemsize = torch.empty(0, dtype=recipe.dtype).element_size()
     k = len(models)
-    if chunk_elems is None and vram is not None:
-        budget = plan_budget(max_memory, host_bytes_per_element(k))
-        # on the GPU the methods run their torch code, whose temporaries are the larger ones
-        work = max(method.work_bytes(k, itemsize), 3 * itemsize + 16)
-        budget = replace(
-            budget, chunk_elems=min(budget.chunk_elems, vram_chunk_elems(vram, k, work))
-        )
-    elif chunk_elems is None:
-        budget = plan_budget(max_memory, bytes_per_element(k, method.work_bytes(k, itemsize)))
-    else:  # an explicit chunk length (tests) bypasses the budget
-        budget = Budget(max_memory, 0, chunk_elems)
-    target = budget.chunk_elems
+    budget = decide_chunk(max_memory, method, k, itemsize, max_vram=vram, chunk_elems=chunk_elems)
     names = base.names()
     positions = layer_positions(names)
     rows: list[TensorTask] = []
     for name in names:
         info = base.info(name)
-        merged = info.is_float and not recipe.excluded(name)
-        params: tuple[ModelParams, ...] = ()
-        options = MethodOptions()
-        chunk, out = max(1, target), info.dtype
-        if merged:
+        task = TensorTask(name, info.shape, info.numel, info.dtype, info.dtype, False, (),
+                          MethodOptions(),
+                          max(1, budget.chunk_elems), -1, info.nbytes)  # fmt: skip
+        if info.is_float and not recipe.excluded(name):
             try:
-                params, options = tensor_params(recipe, name, positions[name], densities)
+                params, options = tensor_params(recipe, name, positions[name])
             except ValueError as e:  # a resolved value out of range (e.g. n > m under a filter)
                 raise RecipeError(f"tensor {name}: {e}") from e
-            align = method.alignment(params)
-            chunk = max(align, target // align * align)
-            if recipe.out_dtype is not None:
-                out = TORCH_TO_ST[recipe.out_dtype]
-            passes = 1 + method.stats_passes(params, options, recipe.dtype)
-            read = info.nbytes * (k + 1) * passes
-        else:
-            read = info.nbytes
-        rows.append(
-            TensorTask(name, info.shape, info.numel, out, merged, params, options, chunk, -1, read)
-        )
+            task = _merged(task, recipe, budget.chunk_elems, params, options, k)
+        rows.append(task)
     shards = plan_shards([(r.name, r.out_dtype, r.shape) for r in rows], shard_size)
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
     tasks = tuple(replace(r, shard=shard_of[r.name]) for r in rows)
     bytes_written = sum(t.end - t.begin for s in shards for t in s.tensors)
-    bytes_read = sum(t.bytes_read for t in tasks)
-    return MergePlan(recipe, tasks, shards, budget, bytes_read, bytes_written)
+    return MergePlan(recipe, tasks, shards, budget, sum(t.bytes_read for t in tasks), bytes_written)
 
 
-def check_out_dir(out_dir: Path, inputs: list[Path]) -> None:
-    """OUT_DIR must not be, or be inside, an input folder (we would shadow our own inputs).
+def _merged(
+    task: TensorTask,
+    recipe: Recipe,
+    target: int,
+    params: tuple[ModelParams, ...],
+    options: MethodOptions,
+    k: int,
+) -> TensorTask:
+    """``task`` as a merged tensor with these parameters: chunk length rounded to the method's
+    alignment, output dtype, and the bytes its statistics and merge passes read."""
+    method = recipe.impl
+    align = method.alignment(params)
+    out = task.out_dtype if recipe.out_dtype is None else TORCH_TO_ST[recipe.out_dtype]
+    passes = 1 + method.stats_passes(params, options, recipe.dtype)
+    nbytes = task.numel * ITEMSIZE[task.in_dtype]  # the base's bytes, times each source
+    return replace(task, out_dtype=out, merged=True, params=params, options=options,
+                   chunk_elems=max(align, target // align * align),
+                   bytes_read=nbytes * (k + 1) * passes)  # fmt: skip
 
-    What OUT_DIR may already contain (nothing, an interrupted run, a finished merge) is decided
-    under its lock by the engine.
-    """
-    out = out_dir.resolve()
-    for p in inputs:
-        p = p.resolve()
-        if out == p or p in out.parents:
-            raise StreamMergeError(f"output folder {out_dir} is inside input model folder {p}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise StreamMergeError(f"output path {out_dir} exists and is not a folder")
+
+def with_densities(plan: MergePlan, densities: Densities) -> MergePlan:
+    """The plan with TADrop's per-(model, tensor) densities applied to the merged tensors'
+    parameters (the layout does not change)."""
+    recipe, k = plan.recipe, len(plan.recipe.models)
+    tasks = []
+    for t in plan.tensors:
+        if t.merged:
+            params = tuple(
+                recipe.impl.with_density(p, densities[(i, t.name)])
+                if (i, t.name) in densities else p
+                for i, p in enumerate(t.params)
+            )  # fmt: skip
+            t = _merged(t, recipe, plan.budget.chunk_elems, params, t.options, k)
+        tasks.append(t)
+    return replace(plan, tensors=tuple(tasks), bytes_read=sum(t.bytes_read for t in tasks))

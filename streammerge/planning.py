@@ -13,25 +13,29 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .engine import (
-    COMPLETE_MARKER,
-    DEFAULT_SHARD_SIZE,
-    _refuse_foreign,
-    disk_needed,
-    precompile_kernels,
-)
+from .device import default_max_vram, resolve_device
 from .errors import StreamMergeError
-from .journal import Journal
-from .memory import current_rss, default_max_memory, predict_peak_rss, resident_per_element
-from .methods import METHODS, TensorId
-from .model import ModelFolder
-from .plan import MergePlan, TensorTask, build_plan, check_out_dir
+from .memory import (
+    VRAM_RESERVE,
+    current_rss,
+    default_max_memory,
+    predict_peak_rss,
+    resident_per_element,
+    vram_bytes_per_element,
+)
+from .methods import TensorId
+from .model import ModelFolder, read_chunks
+from .options import MergeOptions
+from .output import OutputFolder
+from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipe
+from .runtime import precompile_kernels
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE
 
 CALIBRATION_ELEMS = 2**20
@@ -103,8 +107,11 @@ class PlanReport:
     """Wall-time estimate from the calibration (None when calibration was skipped)."""
     calibration: Calibration | None
     device: str = "cpu"
+    """Where the math would run (``--device`` resolved: ``auto`` picks ``cuda`` or ``cpu``)."""
     predicted_peak_vram: int | None = None
-    """Accelerator memory, bytes; None when merging on the CPU."""
+    """Accelerator memory, bytes: the largest chunk's VRAM bound; None on the CPU."""
+    stats: tuple[str, ...] = ()
+    """What the method's statistics passes reduce (empty: chunk-local)."""
     warnings: tuple[str, ...] = ()
 
     @property
@@ -134,43 +141,47 @@ class PlanReport:
 def describe_plan(
     recipe: Recipe | Path | str,
     out_dir: Path | str,
+    options: MergeOptions | None = None,
     *,
-    max_memory: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    chunk_elems: int | None = None,
     calibrate: bool = True,
+    **overrides: object,
 ) -> PlanReport:
     """Validate a merge like ``run_merge`` and describe its plan and cost; writes nothing.
 
     Args:
         recipe: a :class:`Recipe` or the path of a YAML recipe.
         out_dir: the output folder the merge would write (it need not exist).
-        max_memory: peak RSS budget in bytes (default: half the available RAM, as ``run``).
-        shard_size: maximum bytes per output shard.
-        chunk_elems: force a chunk length (elements), as ``run_merge``'s argument.
+        options: as for ``run_merge`` (``max_memory``, ``shard_size``, ``chunk_elems``,
+            ``device``, ``max_vram`` shape the plan); keyword ``overrides`` of its fields.
         calibrate: time the method and the disk (about 2 s) to estimate the wall time.
     """
+    opts = MergeOptions.build(options, overrides)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(Path(recipe))
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, [recipe.base, *(m.path for m in recipe.models)])
-    _refuse_foreign(out_dir)
+    out = OutputFolder(Path(out_dir))
+    out.check_inputs([recipe.base, *(m.path for m in recipe.models)])
+    dev = resolve_device(opts.device, recipe.impl.spec)
+    max_vram = opts.max_vram
+    if dev.type == "cuda" and max_vram is None:
+        max_vram = default_max_vram(dev)
+    state = out.inspect()
     warnings = list(recipe.warnings)
-    if (out_dir / COMPLETE_MARKER).exists():
+    chunk_elems = opts.chunk_elems
+    if state.kind == "finished":
         warnings.append(f"{out_dir} holds a finished merge: `run` needs --force to replace it")
-    elif Journal(out_dir).exists():
+    elif state.kind == "interrupted":
         warnings.append(f"{out_dir} holds an interrupted run: `run` resumes it with its chunks")
-        if chunk_elems is None:  # as run_merge does, so the plan shows the chunks it will use
-            chunk_elems = Journal(out_dir).read()[0].get("chunk_elems")
+        if chunk_elems is None and not opts.restart:  # as run_merge does
+            chunk_elems = state.chunk_elems
     if recipe.tadrop:
         warnings.append("TADrop densities are decided by a sampling pass when the merge runs")
-    base = ModelFolder(recipe.base)
-    models = [ModelFolder(m.path) for m in recipe.models]
-    try:
-        budget = max_memory or default_max_memory()
-        plan = build_plan(recipe, base, models, budget, shard_size, chunk_elems)
-        need = disk_needed(out_dir, plan)
-        free = shutil.disk_usage(_existing_ancestor(out_dir)).free
+    with ExitStack() as opened:
+        base = opened.enter_context(closing(ModelFolder(recipe.base)))
+        models = [opened.enter_context(closing(ModelFolder(m.path))) for m in recipe.models]
+        budget = opts.max_memory or default_max_memory()
+        plan = build_plan(recipe, base, models, budget, opts.shard_size, chunk_elems, max_vram)
+        need = out.disk_needed(plan)
+        free = shutil.disk_usage(_existing_ancestor(out.path)).free
         precompile_kernels(plan, base, models)  # so the baseline holds no compiler memory
         t0 = time.perf_counter()
         _warm_up(plan, base, models)
@@ -186,7 +197,7 @@ def describe_plan(
             estimate = merged / merge_rate + copied / read_rate
         lines = tuple(_line(t, plan) for t in plan.tensors)
         return PlanReport(
-            out_dir=out_dir,
+            out_dir=out.path,
             method=recipe.method,
             base=str(recipe.base),
             models=tuple(m.name for m in recipe.models),
@@ -202,12 +213,11 @@ def describe_plan(
             disk_free=free,
             estimated_seconds=estimate,
             calibration=calibration,
+            device=dev.type,
+            predicted_peak_vram=_predict_vram(plan) if dev.type == "cuda" else None,
+            stats=recipe.impl.spec.stats,
             warnings=tuple(warnings),
         )
-    finally:
-        base.close()
-        for m in models:
-            m.close()
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -217,8 +227,17 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _predict_vram(plan: MergePlan) -> int:
+    """The VRAM bound the chunks were sized for, at the largest merged chunk."""
+    k = len(plan.recipe.models)
+    itemsize = torch.empty(0, dtype=plan.recipe.dtype).element_size()
+    work = max(plan.recipe.impl.work_bytes(k, itemsize), 3 * itemsize + 16)
+    elems = max((min(t.chunk_elems, t.numel) for t in plan.tensors if t.merged), default=0)
+    return VRAM_RESERVE + int(elems * vram_bytes_per_element(k, work))
+
+
 def _line(t: TensorTask, plan: MergePlan) -> TensorLine:
-    method = METHODS[plan.recipe.method]
+    method = plan.recipe.impl
     passes = 1 + method.stats_passes(t.params, t.options, plan.recipe.dtype) if t.merged else 1
     return TensorLine(
         t.name, t.shape, t.merged, min(t.chunk_elems, t.numel), len(t.chunks()), passes,
@@ -228,7 +247,7 @@ def _line(t: TensorTask, plan: MergePlan) -> TensorLine:
 
 def _predict(plan: MergePlan, base: ModelFolder, models: list[ModelFolder], baseline: int) -> int:
     """Peak RSS: the baseline plus the live bytes of the tensor whose chunks cost most."""
-    method = METHODS[plan.recipe.method]
+    method = plan.recipe.impl
     k = len(models)
     itemsize = torch.empty(0, dtype=plan.recipe.dtype).element_size()
     work = method.resident_bytes(k, itemsize)
@@ -237,7 +256,7 @@ def _predict(plan: MergePlan, base: ModelFolder, models: list[ModelFolder], base
         elems = min(t.chunk_elems, t.numel)
         if t.merged:
             inputs = sum(src.info(t.name).itemsize for src in (base, *models))
-            masks = k if method.sparsifies else 0
+            masks = k if method.spec.writes_masks else 0
             cost = elems * resident_per_element(inputs, work, ITEMSIZE[t.out_dtype], masks)
         else:  # the mapped base range and its copy
             cost = elems * 2 * base.info(t.name).itemsize
@@ -257,7 +276,7 @@ def _warm_up(plan: MergePlan, base: ModelFolder, models: list[ModelFolder]) -> N
     if task is None:
         return
     recipe = plan.recipe
-    method = METHODS[recipe.method]
+    method = recipe.impl
     align = method.alignment(task.params)
     n = max(align, WARM_UP_ELEMS // align * align)
     dtype = FLOAT_DTYPES[base.info(task.name).dtype]
@@ -272,7 +291,7 @@ def _merge_chunk(
 ) -> None:
     """What the engine does to one chunk, as a tensor of its own: statistics passes, merge,
     cast to the output dtype, kept counts."""
-    method = METHODS[recipe.method]
+    method = recipe.impl
     state = method.new_state(TensorId(task.name, b.numel()), task.params, task.options,
                              recipe.dtype)  # fmt: skip
     for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
@@ -290,20 +309,16 @@ def _merge_speed(plan: MergePlan, base: ModelFolder, models: list[ModelFolder]) 
     task = _largest_merged(plan)
     if task is None:
         return None
-    align = METHODS[plan.recipe.method].alignment(task.params)
+    align = plan.recipe.impl.alignment(task.params)
     n = max(align, min(CALIBRATION_ELEMS, task.chunk_elems) // align * align)
-    sources = [base, *models]
+    ranges = ((s, min(s + n, task.numel)) for s in range(0, task.numel, n))
     done, spent = 0, 0.0
-    for s in range(0, task.numel, n):
-        e = min(s + n, task.numel)
-        t0 = time.perf_counter()
-        views = [src.read(task.name, s, e) for src in sources]
+    t0 = time.perf_counter()
+    for s, e, views in read_chunks([base, *models], task.name, ranges):
         _merge_chunk(task, plan.recipe, views[0], views[1:])
-        spent += time.perf_counter() - t0
-        done += e - s
         del views
-        for src in sources:
-            src.where[task.name].release(task.name, s, e)
+        spent = time.perf_counter() - t0
+        done += e - s
         if spent >= CALIBRATION_S:
             break
     return done / max(spent, 1e-9)

@@ -19,7 +19,7 @@ failing that against the recipe's folder.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ import yaml
 
 from .errors import RecipeError
 from .methods import METHODS
-from .methods.base import OVERLAP_POLICIES, TAIL_POLICIES, MethodOptions, ModelParams
+from .methods.base import Method, MethodOptions, ModelParams
+from .methods.spec import MethodSpec, Param
 from .params import Gradient, ParamValue, parse_value, resolve
 
 DTYPES: dict[str, torch.dtype] = {
@@ -53,41 +54,11 @@ TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out
 IGNORED_MERGEKIT = {"tokenizer_source", "tokenizer", "chat_template", "name"}
 UNSUPPORTED_MERGEKIT = {"slices", "modules"}
 
-_GTA_GLOBALS = {"lambda", "normalize", "rescale", "int8_mask"}
-_TADROP = {"tadrop", "tadrop_alpha", "tadrop_d_min", "tadrop_d_max"}
-PER_MODEL: dict[str, set[str]] = {
-    "task_arithmetic": {"weight", "density"},
-    "ties": {"weight", "density"},
-    "dare_ties": {"weight", "density"},
-    "dare_linear": {"weight", "density"},
-    "magnitude": {"weight", "density"},
-    "linear": {"weight"},
-    "cabs": {"weight", "n_val", "m_val"},
-    "slerp": set(),
-    "passthrough": {"scale"},
-}
-"""Parameters set per model (a global value is the default for every model)."""
-GLOBAL_ONLY: dict[str, set[str]] = {
-    "task_arithmetic": _GTA_GLOBALS,
-    "ties": _GTA_GLOBALS | _TADROP,
-    "dare_ties": _GTA_GLOBALS | _TADROP | {"random_seed"},
-    "dare_linear": _GTA_GLOBALS | _TADROP | {"random_seed"},
-    "magnitude": _GTA_GLOBALS | _TADROP | {"conflict_aware"},
-    "linear": {"normalize"},
-    "cabs": {"default_n_val", "default_m_val", "tail_policy", "overlap_policy"} | _TADROP,
-    "slerp": {"t"},
-    "passthrough": set(),
-}
-"""Method-level parameters: read from the top-level ``parameters`` only."""
-REQUIRED = {"weight": {"task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude",
-                       "linear"},
-            "density": {"dare_ties", "dare_linear", "magnitude"}}  # fmt: skip
-"""As in mergekit: these must be given (per model or globally). CABS weights default to 1.0."""
-_NO_BASE = ("linear", "passthrough")
-"""Methods without a base: the first model provides the config and the tensor layout."""
-DEFAULTS = {"weight": 1.0, "density": 1.0}
-STRING_PARAMS = {"tail_policy": TAIL_POLICIES, "overlap_policy": OVERLAP_POLICIES}
-ALIASES = {"n_val": "default_n_val", "m_val": "default_m_val"}  # the CABS PR's global names
+
+def _method(name: object) -> Method:
+    if not isinstance(name, str) or name not in METHODS:
+        raise RecipeError(f"merge_method must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,52 +105,48 @@ class Recipe:
     def excluded(self, tensor: str) -> bool:
         return any(re.search(p, tensor) for p in self.exclude)
 
+    @property
+    def impl(self) -> Method:
+        """The merge method (its spec and its math)."""
+        return METHODS[self.method]
+
     def model_params(self, k: int, tensor: str, t: float) -> ModelParams:
-        """Model k's parameters for one tensor at layer position ``t`` (mergekit's rules)."""
+        """Model k's parameters for one tensor at layer position ``t`` (mergekit's rules).
+
+        ValueError for a combination the method refuses (n > m under some filter)."""
         e = self.models[k]
-
-        def get(name: str) -> float | None:
-            x = resolve(name, e.settings, self.settings, tensor, t)
-            if x is None and name in ALIASES:
-                x = resolve(ALIASES[name], {}, self.settings, tensor, t)
-            if x is None and self.method in REQUIRED.get(name, ()):
-                raise RecipeError(f"missing parameter {name!r} for model {e.name}, tensor {tensor}")
-            return DEFAULTS.get(name) if x is None else x
-
-        if self.method == "passthrough":
-            scale = get("scale")
-            return ModelParams(1.0 if scale is None else scale)
-        weight, density = get("weight"), get("density")
-        assert weight is not None and density is not None
-        if self.method != "cabs":
-            return ModelParams(weight, density=density)
-        n, m = get("n_val"), get("m_val")
-        if n is None or m is None:
-            raise RecipeError(f"model {e.name}: cabs needs n_val and m_val (per model or global)")
-        if not 0 <= n <= m:
-            raise RecipeError(f"model {e.name}, tensor {tensor}: n_val {n:g} > m_val {m:g}")
-        return ModelParams(weight, int(n), int(m), density=n / m)
+        values: dict[str, float | str | None] = {}
+        for p in self.impl.spec.params:
+            if not p.per_model:
+                continue
+            x = resolve(p.name, e.settings, self.settings, tensor, t)
+            for alias in p.aliases:
+                if x is None:
+                    x = resolve(alias, {}, self.settings, tensor, t)
+            if x is None and p.required:
+                raise RecipeError(
+                    f"missing parameter {p.name!r} for model {e.name}, tensor {tensor}"
+                )
+            values[p.name] = p.default if x is None else x
+        try:
+            return self.impl.model_params(values)
+        except ValueError as err:
+            raise RecipeError(f"model {e.name}, tensor {tensor}: {err}") from None
 
     def options(self, tensor: str, t: float) -> MethodOptions:
         """Method-level options for one tensor."""
-
-        def get(name: str) -> float | None:
-            return resolve(name, {}, self.settings, tensor, t, global_only=True)
-
-        def flag(name: str) -> bool | None:
-            x = get(name)
-            return None if x is None else bool(x)
-
-        return MethodOptions(
-            tail_policy=self.strings.get("tail_policy", "keep_topn_padded"),
-            overlap_policy=self.strings.get("overlap_policy", "strict"),
-            normalize=flag("normalize"),
-            rescale=flag("rescale"),
-            lambda_=1.0 if get("lambda") is None else float(get("lambda") or 0.0),
-            seed=int(get("random_seed") or 0),
-            conflict_aware=bool(flag("conflict_aware")),
-            t=get("t"),
-        )
+        values: dict[str, float | str | None] = {}
+        for p in self.impl.spec.params:
+            if p.per_model:
+                continue
+            if p.kind == "choice":
+                values[p.name] = self.strings.get(p.name, p.default)
+                continue
+            x = resolve(p.name, {}, self.settings, tensor, t, global_only=True)
+            if x is None and p.required:
+                raise RecipeError(f"missing parameter {p.name!r} for tensor {tensor}")
+            values[p.name] = p.default if x is None else x
+        return self.impl.options(values)
 
     @property
     def tadrop(self) -> bool:
@@ -262,16 +229,16 @@ def parse_recipe(
             f"keys ignored (tokenizer and config come from the base): {', '.join(ignored)}"
         )
 
-    method = doc.get("merge_method")
-    if method not in METHODS:
-        raise RecipeError(f"merge_method must be one of {sorted(METHODS)}, got {method!r}")
-    per_model, global_only = PER_MODEL[method], GLOBAL_ONLY[method]
-    if "base_model" not in doc and not (method in _NO_BASE and doc.get("models")):
+    impl = _method(doc.get("merge_method"))
+    spec = impl.spec
+    method = spec.name
+    per_model, global_only = spec.per_model, spec.global_only
+    if "base_model" not in doc and not (not spec.needs_base and doc.get("models")):
         raise RecipeError(f"{method} needs a base_model")
     raw_models = doc.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         raise RecipeError("'models' must be a non-empty list")
-    # linear has no base: the first model provides the config and the tensor layout
+    # without a base (linear) the first model provides the config and the tensor layout
     first = raw_models[0].get("model") if isinstance(raw_models[0], dict) else raw_models[0]
     base_ref = _model_ref(doc.get("base_model", first), "base_model")
     base = _resolve(base_ref, recipe_dir, "base_model")
@@ -283,18 +250,24 @@ def parse_recipe(
     if unknown:
         warnings.append(f"parameters not used by {method}, ignored: {', '.join(unknown)}")
     strings = {}
-    for key, choices in STRING_PARAMS.items():
-        if key in gparams and key in global_only:
-            if gparams[key] not in choices:
+    settings = {}
+    for key, value in gparams.items():
+        param = spec.param(key)
+        if param is None:
+            continue
+        if param.kind == "choice":
+            if value not in param.choices:
                 raise RecipeError(
-                    f"parameters.{key} must be one of {list(choices)}, got {gparams[key]!r}"
+                    f"parameters.{key} must be one of {list(param.choices)}, got {value!r}"
                 )
-            strings[key] = gparams[key]
-    settings = {
-        k: _setting(k, v, "parameters")
-        for k, v in gparams.items()
-        if k in (per_model | global_only) - set(STRING_PARAMS)
-    }
+            strings[key] = value
+        else:
+            settings[key] = _setting(param, key, value, "parameters")
+    for param in spec.params:
+        if param.required and not param.per_model and param.name not in settings:
+            raise RecipeError(
+                f"{method} needs a '{param.name}' under parameters (a number or a gradient)"
+            )
 
     entries: list[ModelEntry] = []
     for i, item in enumerate(raw_models):
@@ -313,31 +286,27 @@ def parse_recipe(
             path = _resolve(ref, recipe_dir, f"{where}.model")
         else:
             path = Path(ref).expanduser().resolve()
-        if path == base and method not in _NO_BASE:
+        if path == base and spec.needs_base:
             continue  # mergekit habit: the base listed among the models is the base, not a task
         unknown = sorted(set(mparams) - per_model)
         if unknown:
             warnings.append(
                 f"{where} ({ref}): parameters not used by {method}, ignored: {', '.join(unknown)}"
             )
-        own = {k: _setting(k, v, f"{where} ({ref})") for k, v in mparams.items() if k in per_model}
-        for name, methods in REQUIRED.items():
-            if method in methods and name not in own and name not in settings:
-                raise RecipeError(f"{where} ({ref}): {method} needs a '{name}'")
+        own = {
+            k: _setting(spec.param(k), k, v, f"{where} ({ref})")  # type: ignore[arg-type]
+            for k, v in mparams.items()
+            if k in per_model
+        }
+        for param in spec.params:
+            if param.required and param.per_model and param.name not in own | settings:
+                raise RecipeError(f"{where} ({ref}): {method} needs a '{param.name}'")
         entries.append(ModelEntry(ref, path, own))
     if any(entries[i].path == entries[j].path for i in range(len(entries)) for j in range(i)):
         raise RecipeError("a model is listed twice under 'models'")
-    if method == "cabs":
-        _check_nm(entries, settings)
-    if method == "passthrough" and len(entries) != 1:
-        raise RecipeError(f"passthrough takes exactly one model, got {len(entries)}")
-    if method == "slerp":
-        if len(entries) != 1:
-            raise RecipeError(
-                f"slerp takes exactly one model besides the base_model, got {len(entries)}"
-            )
-        if "t" not in settings:
-            raise RecipeError("slerp needs a 't' under parameters (a number or a gradient)")
+    _check_model_count(spec, len(entries))
+    for e in entries:
+        _check_scalar_params(impl, e, settings)
 
     order = doc.get("pruning_order")
     if order is not None:
@@ -364,20 +333,17 @@ def parse_recipe(
     )
 
 
-def _setting(name: str, value: Any, where: str) -> ParamValue:
-    """Parse one numeric parameter and check every value it can take against its range."""
+def _setting(param: Param, name: str, value: Any, where: str) -> ParamValue:
+    """Parse one numeric parameter (written as ``name``, the parameter or one of its aliases)
+    and check every value it can take against the method's declared range."""
     parsed = parse_value(value, name, where)
-    if name in ("n_val", "m_val", "default_n_val", "default_m_val") and _has_gradient(parsed):
-        raise RecipeError(f"{where}: '{name}' must be an integer, not a gradient")
+    if not param.gradient and _has_gradient(parsed):
+        kind = "an integer" if param.kind == "int" else "a number"
+        raise RecipeError(f"{where}: '{name}' must be {kind}, not a gradient")
     for x in _values(parsed):
-        if name == "density" and not 0 <= x <= 1:
-            raise RecipeError(f"{where}: 'density' must be between 0 and 1, got {x:g}")
-        if name in ("n_val", "m_val", "default_n_val", "default_m_val") and x != int(x):
-            raise RecipeError(f"{where}: '{name}' must be an integer, got {x:g}")
-        if name in ("m_val", "default_m_val") and x < 1:
-            raise RecipeError(f"{where}: m_val must be >= 1, got {x:g}")
-        if name in ("n_val", "default_n_val") and x < 0:
-            raise RecipeError(f"{where}: n_val must be >= 0, got {x:g}")
+        why = param.check(x)
+        if why is not None:
+            raise RecipeError(f"{where}: {why.replace(repr(param.name), repr(name), 1)}")
     return parsed
 
 
@@ -396,15 +362,42 @@ def _has_gradient(v: ParamValue) -> bool:
     return not isinstance(v, float) and any(_has_gradient(r.value) for r in v)
 
 
-def _check_nm(entries: Sequence[ModelEntry], settings: Mapping[str, ParamValue]) -> None:
-    """Scalar n:m settings can be checked now; filter lists are checked per tensor in the plan."""
-    for e in entries:
-        n = e.settings.get("n_val", settings.get("n_val", settings.get("default_n_val")))
-        m = e.settings.get("m_val", settings.get("m_val", settings.get("default_m_val")))
-        if n is None or m is None:
-            raise RecipeError(f"{e.name}: cabs needs n_val and m_val (per model or globally)")
-        if isinstance(n, float) and isinstance(m, float) and n > m:
-            raise RecipeError(f"{e.name}: n_val must be between 0 and m_val ({m:g}), got {n:g}")
+def _check_model_count(spec: MethodSpec, k: int) -> None:
+    lo, hi = spec.min_models, spec.max_models
+    if lo <= k and (hi is None or k <= hi):
+        return
+    words = {1: "one", 2: "two", 3: "three"}
+
+    def models(n: int) -> str:
+        return f"{words.get(n, n)} model{'s' if n > 1 else ''}"
+
+    if hi == lo:
+        want = f"exactly {models(lo)}"
+    elif hi is None:
+        want = f"at least {models(lo)}"
+    else:
+        want = f"{lo} to {hi} models"
+    besides = " besides the base_model" if spec.needs_base else ""
+    raise RecipeError(f"{spec.name} takes {want}{besides}, got {k}")
+
+
+def _check_scalar_params(impl: Method, e: ModelEntry, settings: Mapping[str, ParamValue]) -> None:
+    """Where every per-model value is one number, ask the method now whether it accepts them
+    (n_val > m_val); per-tensor forms are checked per tensor when the plan is built."""
+    values: dict[str, float | str | None] = {}
+    for p in impl.spec.params:
+        if not p.per_model:
+            continue
+        v = e.settings.get(p.name, settings.get(p.name))
+        for alias in p.aliases:
+            v = settings.get(alias) if v is None else v
+        if v is not None and not isinstance(v, float):
+            return
+        values[p.name] = p.default if v is None else v
+    try:
+        impl.model_params(values)
+    except ValueError as err:
+        raise RecipeError(f"{e.name}: {err}") from None
 
 
 def _model_ref(value: Any, where: str) -> str:

@@ -2,10 +2,11 @@
 
 Both rebuild the merge's recipe from the store's attributes (base, models in pruning order with
 their resolved paths, the recipe as parsed), change it (weights, or a model appended last), and
-run the engine in replay mode (:class:`streammerge.engine.Replay`): the masks come from the
-store instead of being selected, and the output is byte-identical to a full ``run`` of the
-changed recipe. Journal, resume, ``INCOMPLETE`` and the completion marker work as for ``run``;
-the new folder gets its own occupancy store, so it can be remixed, extended or inspected again.
+run the engine with the replay method (:class:`streammerge.methods.replay.Replay`): the masks
+come from the store instead of being selected, and the output is byte-identical to a full
+``run`` of the changed recipe. Journal, resume, ``INCOMPLETE`` and the completion marker work
+as for ``run``; the new folder gets its own occupancy store, so it can be remixed, extended or
+inspected again.
 """
 
 from __future__ import annotations
@@ -16,21 +17,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .engine import COMPLETE_MARKER, DEFAULT_SHARD_SIZE, Replay, RunSummary, run_merge
+from .engine import Replay, run_merge
 from .errors import RecipeError, StreamMergeError
 from .mask_store import STORE_NAME, ZarrMaskStore, model_index
+from .methods import METHODS
+from .methods.spec import MethodSpec
+from .options import MergeOptions
+from .output import COMPLETE_MARKER
 from .recipe import Recipe, parse_recipe
+from .results import RunSummary
 
-REMIXABLE = {
-    "cabs": None,
-    "ties": "TIES elects signs from the weighted task vectors, so its output depends on the "
-    "weights through more than the stored masks",
-    "dare_ties": "DARE-TIES elects signs from the weighted task vectors, so its output depends "
-    "on the weights through more than the stored masks",
-    "magnitude": "remixing magnitude merges is not implemented yet (rescale/normalize factors "
-    "are not stored)",
-}
-"""Methods with an occupancy store: None if remix supports them, else why not."""
+
+def _method_spec(out_dir: Path, attrs: Mapping[str, Any]) -> MethodSpec:
+    method = attrs["method"]
+    if method not in METHODS:
+        raise StreamMergeError(f"{out_dir}: merged with an unknown method {method!r}")
+    return METHODS[method].spec
 
 
 def _finished_store(out_dir: Path) -> ZarrMaskStore:
@@ -50,6 +52,11 @@ def _finished_store(out_dir: Path) -> ZarrMaskStore:
     if not {"method", "recipe", "models", "base"} <= set(attrs):
         raise StreamMergeError(f"{out_dir / STORE_NAME}: attributes incomplete (not a merge?)")
     return store
+
+
+def _global_params(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    params = attrs["recipe"].get("parameters")
+    return dict(params) if isinstance(params, Mapping) else {}
 
 
 def stored_recipe_doc(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,14 +95,8 @@ def remix_merge(
     out_dir: Path | str,
     new_out: Path | str,
     weights: Mapping[str, float],
-    *,
-    max_memory: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    chunk_elems: int | None = None,
-    progress: bool = False,
-    restart: bool = False,
-    force: bool = False,
-    allow_nonfinite: bool = False,
+    options: MergeOptions | None = None,
+    **overrides: object,
 ) -> RunSummary:
     """Re-merge a finished CABS merge with new weights, reusing its stored masks.
 
@@ -107,16 +108,14 @@ def remix_merge(
         new_out: the new output folder (new, empty, or an interrupted remix of the same kind).
         weights: model reference (folder name, path as written in the recipe, resolved path, or
             position in pruning order as a string) to its new weight; others keep theirs.
-        max_memory, shard_size, chunk_elems, progress, restart, force, allow_nonfinite: as for
-            :func:`streammerge.run_merge`.
+        options, overrides: as for :func:`streammerge.run_merge` (on the CPU).
     """
     out_dir, new_out = Path(out_dir), Path(new_out)
     store = _finished_store(out_dir)
     attrs = store.attrs()
-    method = attrs["method"]
-    why = REMIXABLE.get(method, f"{method} merges keep no masks")
-    if why is not None:
-        raise StreamMergeError(f"{out_dir}: cannot remix a {method} merge: {why}")
+    spec = _method_spec(out_dir, attrs)
+    if spec.remix is not None:
+        raise StreamMergeError(f"{out_dir}: cannot remix a {spec.name} merge: {spec.remix}")
     if not weights:
         raise StreamMergeError("remix needs at least one --weight MODEL=VALUE")
     doc = stored_recipe_doc(attrs)
@@ -125,18 +124,7 @@ def remix_merge(
         doc["models"][k]["parameters"] = {**doc["models"][k]["parameters"], "weight": value}
     names = [m["name"] for m in attrs["models"]]
     recipe = _parse(doc, names, True, out_dir)
-    return run_merge(
-        recipe,
-        new_out,
-        max_memory=max_memory,
-        shard_size=shard_size,
-        chunk_elems=chunk_elems,
-        progress=progress,
-        restart=restart,
-        force=force,
-        allow_nonfinite=allow_nonfinite,
-        replay=Replay(out_dir.resolve()),
-    )
+    return run_merge(recipe, new_out, options, replay=Replay(out_dir.resolve()), **overrides)
 
 
 def add_model(
@@ -144,16 +132,11 @@ def add_model(
     new_out: Path | str,
     model: Path | str,
     weight: float,
+    options: MergeOptions | None = None,
     *,
     n_val: int | None = None,
     m_val: int | None = None,
-    max_memory: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    chunk_elems: int | None = None,
-    progress: bool = False,
-    restart: bool = False,
-    force: bool = False,
-    allow_nonfinite: bool = False,
+    **overrides: object,
 ) -> RunSummary:
     """Append one fine-tune, last in pruning order, to a finished ``strict`` CABS merge.
 
@@ -167,30 +150,15 @@ def add_model(
         new_out: the new output folder.
         model: the new fine-tune's folder.
         weight: its weight; ``n_val``/``m_val`` its n:m (default: the recipe's global n:m).
-        max_memory, shard_size, chunk_elems, progress, restart, force, allow_nonfinite: as for
-            :func:`streammerge.run_merge`.
+        options, overrides: as for :func:`streammerge.run_merge` (on the CPU).
     """
     out_dir, new_out, model = Path(out_dir), Path(new_out), Path(model)
     store = _finished_store(out_dir)
     attrs = store.attrs()
-    method = attrs["method"]
-    if method != "cabs":
-        raise StreamMergeError(
-            f"{out_dir}: cannot add to a {method} merge: only CABS merges can be extended "
-            "(their masks and output alone determine the extended merge)"
-        )
-    params = dict(attrs["recipe"].get("parameters") or {})
-    if params.get("overlap_policy", "strict") != "strict":
-        raise StreamMergeError(
-            f"{out_dir}: cannot add to an overlap_policy: fill merge: under fill a new model "
-            "may top up from claimed positions, whose earlier task vectors the output no "
-            "longer separates; rerun the full recipe instead"
-        )
-    if params.get("tadrop"):
-        raise StreamMergeError(
-            f"{out_dir}: cannot add to a TADrop merge: TADrop rebalances every model's "
-            "densities together, so adding a model changes the earlier masks"
-        )
+    spec = _method_spec(out_dir, attrs)
+    why = spec.extend(_global_params(attrs))
+    if why is not None:
+        raise StreamMergeError(f"{out_dir}: cannot add to a {spec.name} merge: {why}")
     if not model.is_dir():
         raise StreamMergeError(f"{model}: model folder not found")
     path = model.resolve()
@@ -205,15 +173,5 @@ def add_model(
     doc["models"].append({"model": str(path), "parameters": new_params})
     names = [m["name"] for m in attrs["models"]] + [str(model)]
     recipe = _parse(json.loads(json.dumps(doc)), names, False, out_dir)
-    return run_merge(
-        recipe,
-        new_out,
-        max_memory=max_memory,
-        shard_size=shard_size,
-        chunk_elems=chunk_elems,
-        progress=progress,
-        restart=restart,
-        force=force,
-        allow_nonfinite=allow_nonfinite,
-        replay=Replay(out_dir.resolve(), add=True),
-    )
+    replay = Replay(out_dir.resolve(), add=True)
+    return run_merge(recipe, new_out, options, replay=replay, **overrides)

@@ -522,7 +522,7 @@ def test_not_enough_free_disk_at_preflight(tmp_path, monkeypatch):
     out = tmp_path / "out"
     free = 1000
     fake = SimpleNamespace(total=10**9, used=10**9 - free, free=free)
-    monkeypatch.setattr(streammerge.engine.shutil, "disk_usage", lambda path: fake)
+    monkeypatch.setattr(streammerge.output.shutil, "disk_usage", lambda path: fake)
     with pytest.raises(StreamMergeError, match="not enough disk space") as e:
         run_merge(recipe, out, shard_size=2000)
     monkeypatch.undo()

@@ -289,7 +289,7 @@ def test_interrupted_add_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     two = full_run(write_recipe(tmp_path / "2.yaml", base, fts[:2], [1.0, 0.5]), tmp_path / "two")
     want = full_run(write_recipe(tmp_path / "3.yaml", base, fts, [1.0, 0.5, 0.9]), tmp_path / "3")
     out = tmp_path / "added"
-    check = engine._Run._check_stop  # called after each chunk is handed to the write lane
+    check = engine.Scheduler._check_stop  # called after each chunk is handed to the write lane
     calls = {"n": 0}
 
     def crash(self):
@@ -298,12 +298,12 @@ def test_interrupted_add_resumes_to_the_same_bytes(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # a crash mid-merge: the journal has what was flushed
         check(self)
 
-    monkeypatch.setattr(engine._Run, "_check_stop", crash)
+    monkeypatch.setattr(engine.Scheduler, "_check_stop", crash)
     kw = {"chunk_elems": 40, "shard_size": SHARD, "max_memory": 2**30}
     with pytest.raises(KeyboardInterrupt):
         add_model(two, out, fts[2], 0.9, **kw)
     assert (out / "INCOMPLETE").is_file() and not (out / "streammerge.json").exists()
-    monkeypatch.setattr(engine._Run, "_check_stop", check)
+    monkeypatch.setattr(engine.Scheduler, "_check_stop", check)
     summary = add_model(two, out, fts[2], 0.9, **kw)
     assert summary.resumed_chunks > 0
     assert_same_files(want, out)

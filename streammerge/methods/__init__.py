@@ -1,4 +1,8 @@
-"""Merge methods by name. A new method is one small file plus a line here."""
+"""Merge methods by name. A new method is one small file plus a line here.
+
+Each method carries a :class:`~streammerge.methods.spec.MethodSpec` (parameters, statistics,
+capabilities, card columns); everything outside ``methods/`` reads the spec, never the name.
+"""
 
 from __future__ import annotations
 
@@ -24,4 +28,23 @@ METHODS: dict[str, Method] = {
     )
 }
 
-__all__ = ["METHODS", "MergeResult", "Method", "MethodOptions", "ModelParams", "TensorId"]
+
+def register(method: Method) -> None:
+    """Add a method to the registry (a plugin, or a test's toy method); its name must be new."""
+    name = method.spec.name
+    if name in METHODS:
+        raise ValueError(f"merge method {name!r} is already registered")
+    if method.spec.kernel not in (None, "cabs", "gta"):
+        raise ValueError(f"merge method {name!r}: unknown kernel {method.spec.kernel!r}")
+    METHODS[name] = method
+
+
+__all__ = [
+    "METHODS",
+    "MergeResult",
+    "Method",
+    "MethodOptions",
+    "ModelParams",
+    "TensorId",
+    "register",
+]

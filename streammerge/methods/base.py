@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .spec import MethodSpec, Values
+
 TAIL_POLICIES = ("keep_topn_padded", "zero")
 OVERLAP_POLICIES = ("strict", "fill")
 
@@ -40,6 +42,12 @@ class ModelParams:
     """Block length in elements (n:m methods only)."""
     density: float = 1.0
     """Fraction of the tensor kept (magnitude trim) or keep probability (DARE), in [0, 1]."""
+    extra: tuple[tuple[str, float], ...] = ()
+    """Other per-model parameters a method declares, by name (sorted)."""
+
+    def get(self, name: str, default: float | None = None) -> float | None:
+        """A declared per-model parameter from ``extra``."""
+        return dict(self.extra).get(name, default)
 
     def __post_init__(self) -> None:
         if not 0 <= self.n <= self.m or self.m < 1:
@@ -68,6 +76,12 @@ class MethodOptions:
     """``magnitude`` only: later models select only among positions earlier ones left free."""
     t: float | None = None
     """``slerp`` only: interpolation position, 0 = the base, 1 = the other model."""
+    extra: tuple[tuple[str, float | str], ...] = ()
+    """Other global parameters a method declares, by name (sorted)."""
+
+    def get(self, name: str, default: float | str | None = None) -> float | str | None:
+        """A declared global parameter from ``extra``."""
+        return dict(self.extra).get(name, default)
 
     def __post_init__(self) -> None:
         if self.tail_policy not in TAIL_POLICIES:
@@ -106,11 +120,26 @@ class MergeResult:
 class Method(Protocol):
     """A merge method: a chunk-exact fast path plus an in-memory reference."""
 
-    name: str
-    sparsifies: bool
-    """Whether the method produces masks (stored in the occupancy store)."""
-    uses_base: bool
-    """Whether the base takes part in the arithmetic (``linear`` ignores it)."""
+    spec: MethodSpec
+    """What the method declares: parameters, statistics, capabilities, card columns."""
+    releases_heap: bool
+    """Hand freed heap back to the kernel after each chunk (temporaries that fragment it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def model_params(self, values: Values) -> ModelParams:
+        """One model's parameters for one tensor from its resolved recipe values (declared
+        per-model parameters, defaults applied); ValueError on an invalid combination."""
+        ...
+
+    def options(self, values: Values) -> MethodOptions:
+        """The method's options for one tensor from its resolved global parameters."""
+        ...
+
+    def with_density(self, params: ModelParams, density: float) -> ModelParams:
+        """``params`` with TADrop's density for the tensor (methods with ``spec.tadrop``)."""
+        ...
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         """Chunk starts must be multiples of this many elements."""
@@ -184,6 +213,80 @@ class Method(Protocol):
         ...
 
 
+OPTION_NAMES = (
+    "tail_policy",
+    "overlap_policy",
+    "normalize",
+    "rescale",
+    "lambda",
+    "random_seed",
+    "conflict_aware",
+    "t",
+)
+"""Global parameters with a field of their own in :class:`MethodOptions`."""
+ENGINE_NAMES = ("tadrop", "tadrop_alpha", "tadrop_d_min", "tadrop_d_max", "int8_mask")
+"""Global parameters the engine (or nobody: ``int8_mask``) reads, not the method."""
+
+
+class MethodBase:
+    """The spec-driven defaults: parameters by name onto :class:`ModelParams` and
+    :class:`MethodOptions`; a method overrides what it interprets differently."""
+
+    spec: MethodSpec
+    releases_heap = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def model_params(self, values: Values) -> ModelParams:
+        weight, density = values.get("weight"), values.get("density")
+        extra = tuple(
+            sorted(
+                (k, float(v))
+                for k, v in values.items()
+                if k not in ("weight", "density") and v is not None
+            )
+        )
+        return ModelParams(
+            1.0 if weight is None else float(weight),
+            density=1.0 if density is None else float(density),
+            extra=extra,
+        )
+
+    def options(self, values: Values) -> MethodOptions:
+        def number(name: str) -> float | None:
+            x = values.get(name)
+            return None if x is None else float(x)
+
+        def flag(name: str) -> bool | None:
+            x = values.get(name)
+            return None if x is None else bool(x)
+
+        lam = number("lambda")
+        extra = tuple(
+            sorted(
+                (k, v)
+                for k, v in values.items()
+                if k not in OPTION_NAMES and k not in ENGINE_NAMES and v is not None
+            )
+        )
+        return MethodOptions(
+            tail_policy=str(values.get("tail_policy") or "keep_topn_padded"),
+            overlap_policy=str(values.get("overlap_policy") or "strict"),
+            normalize=flag("normalize"),
+            rescale=flag("rescale"),
+            lambda_=1.0 if lam is None else lam,
+            seed=int(number("random_seed") or 0),
+            conflict_aware=bool(flag("conflict_aware")),
+            t=number("t"),
+            extra=extra,
+        )
+
+    def with_density(self, params: ModelParams, density: float) -> ModelParams:
+        return ModelParams(params.weight, params.n, params.m, density, params.extra)
+
+
 @dataclass(slots=True)
 class ChunkLocal:
     """State of a method that needs nothing beyond each chunk: just its configuration."""
@@ -194,8 +297,8 @@ class ChunkLocal:
     dtype: torch.dtype
 
 
-class ChunkLocalMethod:
-    """Mixin for methods without statistics passes."""
+class ChunkLocalMethod(MethodBase):
+    """Base of methods without statistics passes."""
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype

@@ -21,8 +21,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..tadrop import nm_from_density
 from . import kernels
 from .base import (
+    OVERLAP_POLICIES,
+    TAIL_POLICIES,
     ChunkLocal,
     ChunkLocalMethod,
     MergeResult,
@@ -33,12 +36,64 @@ from .base import (
 )
 from .kernels import kernel_input
 from .nm import magnitude_key, nm_select
+from .spec import TADROP_PARAMS, WEIGHT_COLUMN, CardColumn, MethodSpec, Param, Values
+
+
+def _extend(params: Values) -> str | None:
+    if params.get("overlap_policy", "strict") != "strict":
+        return (
+            "under overlap_policy: fill a new model may top up from claimed positions, whose "
+            "earlier task vectors the output no longer separates; rerun the full recipe instead"
+        )
+    if params.get("tadrop"):
+        return (
+            "TADrop rebalances every model's densities together, so adding a model changes the "
+            "earlier masks"
+        )
+    return None
+
+
+SPEC = MethodSpec(
+    name="cabs",
+    summary="conflict-aware sequential n:m sparsification (ICML 2025)",
+    params=(
+        Param("weight", default=1.0),
+        Param("n_val", "int", low=0, aliases=("default_n_val",), gradient=False,
+              doc="elements kept per block"),
+        Param("m_val", "int", low=1, aliases=("default_m_val",), gradient=False,
+              doc="block length"),
+        Param("tail_policy", "choice", per_model=False, choices=TAIL_POLICIES),
+        Param("overlap_policy", "choice", per_model=False, choices=OVERLAP_POLICIES),
+        *TADROP_PARAMS,
+    ),
+    cuda=True,
+    writes_masks=True,
+    nm_blocks=True,
+    tadrop=True,
+    remix=None,
+    extend=_extend,
+    kernel="cabs",
+    card=(WEIGHT_COLUMN, CardColumn("n:m", lambda p, o: f"{p.n}:{p.m}")),
+    order_note="Pruning order (earlier models claim their positions first):",
+    example={"n_val": 2, "m_val": 4},
+)  # fmt: skip
 
 
 class Cabs(ChunkLocalMethod):
-    name = "cabs"
-    sparsifies = True
-    uses_base = True
+    spec = SPEC
+
+    def model_params(self, values: Values) -> ModelParams:
+        n, m, weight = values.get("n_val"), values.get("m_val"), values.get("weight")
+        if n is None or m is None:
+            raise ValueError("cabs needs n_val and m_val (per model or global)")
+        if not 0 <= float(n) <= float(m):
+            raise ValueError(f"n_val {float(n):g} > m_val {float(m):g}")
+        w = 1.0 if weight is None else float(weight)
+        return ModelParams(w, int(n), int(m), density=float(n) / float(m))
+
+    def with_density(self, params: ModelParams, density: float) -> ModelParams:
+        n = nm_from_density(density, params.m)
+        return ModelParams(params.weight, n, params.m, density=n / params.m)
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         # Chunks must start on a block boundary of every model and on a byte of packed bits.

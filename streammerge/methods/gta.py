@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from . import kernels
-from .base import MergeResult, MethodOptions, ModelParams, TensorId, scalar
+from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
 from .kernels import kernel_input
 from .nm import magnitude_key
 from .select import ExactL1, RadixTopK, dare_keep, fsum_abs, key_bits, l1_ratio, select
+from .spec import TADROP_PARAMS, MethodSpec, Param
 
 SPARSIFIERS = ("none", "magnitude", "random")
 
@@ -60,27 +61,25 @@ class _State:
         return pass_index // (self.mag_passes // len(self.params))
 
 
-class Gta:
+class Gta(MethodBase):
     """One member of the family; see the module docstring."""
-
-    sparsifies: bool
-    uses_base = True
 
     def __init__(
         self,
-        name: str,
+        spec: MethodSpec,
         sparsifier: str,
         consensus: bool,
         normalize: bool,
         rescale: bool,
     ) -> None:
         assert sparsifier in SPARSIFIERS
-        self.name = name
+        assert spec.writes_masks == (sparsifier != "none")
+        self.spec = spec
         self.sparsifier = sparsifier
         self.consensus = consensus
         self.default_normalize = normalize
         self.default_rescale = rescale
-        self.sparsifies = sparsifier != "none"
+        self.sparsifies = spec.writes_masks
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         return 8  # masks are stored as packed bits: chunks start on a byte
@@ -373,8 +372,70 @@ class Gta:
         return MergeResult(self._combine(st, b, deltas, masks), masks)
 
 
-TASK_ARITHMETIC = Gta("task_arithmetic", "none", consensus=False, normalize=False, rescale=False)
-TIES = Gta("ties", "magnitude", consensus=True, normalize=True, rescale=False)
-DARE_TIES = Gta("dare_ties", "random", consensus=True, normalize=False, rescale=True)
-DARE_LINEAR = Gta("dare_linear", "random", consensus=False, normalize=False, rescale=True)
-MAGNITUDE = Gta("magnitude", "magnitude", consensus=False, normalize=False, rescale=False)
+# -- what each member declares ----------------------------------------------------------------
+
+GLOBALS = (
+    Param("lambda", per_model=False, doc="scales the merged delta"),
+    Param("normalize", "bool", per_model=False, doc="divide by the sum of (agreeing) weights"),
+    Param("rescale", "bool", per_model=False, doc="match each pruned delta's L1 norm"),
+    Param("int8_mask", "bool", per_model=False, doc="accepted for mergekit; no effect"),
+)
+WEIGHT = Param("weight", required=True)
+DENSITY = Param("density", low=0.0, high=1.0, default=1.0)
+DENSITY_REQUIRED = Param("density", low=0.0, high=1.0, required=True)
+SEED = Param("random_seed", "int", per_model=False, doc="seed of DARE's random streams")
+THRESHOLD_STATS = (
+    "radix-select histograms of |delta| per model (the exact top-k threshold), 8-11 bits a pass",
+    "exact L1 norms of each delta and its kept part (rescale only)",
+)
+RANDOM_STATS = ("exact L1 norms of each delta and its kept part (rescale only)",)
+SIGNS = (
+    "elects signs from the weighted task vectors, so its output depends on the weights through "
+    "more than the stored masks"
+)
+NOT_YET = "is not implemented yet (rescale/normalize factors are not stored)"
+NO_EXTEND = (
+    "only CABS merges can be extended (their masks and output alone determine the extended merge)"
+)
+
+
+def _spec(name: str, summary: str, params: tuple[Param, ...], **kw: object) -> MethodSpec:
+    return MethodSpec(name, summary, (WEIGHT, *params), extend=lambda p: NO_EXTEND, **kw)  # type: ignore[arg-type]
+
+
+TASK_ARITHMETIC = Gta(
+    _spec("task_arithmetic", "base + lambda * sum of weighted task vectors", (DENSITY, *GLOBALS),
+          cuda=True, kernel="gta", example={"weight": 0.5}),
+    "none", consensus=False, normalize=False, rescale=False,
+)  # fmt: skip
+TIES = Gta(
+    _spec("ties", "magnitude trim, sign election, disjoint mean (TIES-merging)",
+          (DENSITY, *GLOBALS, *TADROP_PARAMS), stats=THRESHOLD_STATS, writes_masks=True,
+          tadrop=True, remix=f"TIES {SIGNS}", kernel="gta",
+          example={"weight": 1.0, "density": 0.5}),
+    "magnitude", consensus=True, normalize=True, rescale=False,
+)  # fmt: skip
+DARE_TIES = Gta(
+    _spec("dare_ties", "random drop and rescale (DARE), sign election",
+          (DENSITY_REQUIRED, *GLOBALS, *TADROP_PARAMS, SEED), stats=RANDOM_STATS,
+          writes_masks=True, tadrop=True, remix=f"DARE-TIES {SIGNS}",
+          example={"weight": 0.5, "density": 0.5, "random_seed": 3}),
+    "random", consensus=True, normalize=False, rescale=True,
+)  # fmt: skip
+DARE_LINEAR = Gta(
+    _spec("dare_linear", "random drop and rescale (DARE), weighted sum",
+          (DENSITY_REQUIRED, *GLOBALS, *TADROP_PARAMS, SEED), stats=RANDOM_STATS,
+          writes_masks=True, tadrop=True, remix=f"remixing dare_linear merges {NOT_YET}",
+          example={"weight": 0.5, "density": 0.5, "random_seed": 3}),
+    "random", consensus=False, normalize=False, rescale=True,
+)  # fmt: skip
+MAGNITUDE = Gta(
+    _spec("magnitude", "magnitude trim per model, weighted sum",
+          (DENSITY_REQUIRED, *GLOBALS, *TADROP_PARAMS,
+           Param("conflict_aware", "bool", per_model=False,
+                 doc="later models select only among positions earlier ones left free")),
+          stats=THRESHOLD_STATS, writes_masks=True, tadrop=True,
+          remix=f"remixing magnitude merges {NOT_YET}", kernel="gta",
+          example={"weight": 1.0, "density": 0.5, "conflict_aware": True}),
+    "magnitude", consensus=False, normalize=False, rescale=False,
+)  # fmt: skip

@@ -366,21 +366,22 @@ if HAVE_NUMBA:
         return out, masks, ties
 
 
-GTA_KERNEL_METHODS = ("task_arithmetic", "ties", "magnitude")
-"""Methods whose chunks go through :func:`gta_merge` (and :func:`magnitude_hist`)."""
+KERNELS = ("cabs", "gta")
+"""Kernel families a method's spec may name: :func:`cabs_step`, or :func:`gta_merge` with
+:func:`magnitude_hist`."""
 
 
-def warm_up(method: str, k: int, raw_dtypes: Sequence[str]) -> None:
-    """Compile, or load from numba's on-disk cache, the kernels a ``method`` merge of ``k``
+def warm_up(kernel: str, k: int, raw_dtypes: Sequence[str]) -> None:
+    """Compile, or load from numba's on-disk cache, the ``kernel`` family a merge of ``k``
     models will call on inputs of ``raw_dtypes`` (``"uint16"`` for bf16, ``"float32"``)."""
     if not HAVE_NUMBA:
         return
     for name in raw_dtypes:
         x = np.zeros(64, dtype=np.dtype(name))
-        if method == "cabs":
+        if kernel == "cabs":
             cabs_step(x, x, np.zeros(64, np.bool_), np.empty(64, np.bool_),
                       np.empty(64, np.float32), True, 1, 4, np.float32(1), True, True)  # fmt: skip
-        elif method in GTA_KERNEL_METHODS:
+        elif kernel == "gta":
             magnitude_hist(x, x, 0, None)
             z = np.zeros(k, dtype=np.int64)
             gta_merge(x, (x,) * k, z - 1, z, z, True, np.ones(k, np.float32), None, True, True,
@@ -388,7 +389,7 @@ def warm_up(method: str, k: int, raw_dtypes: Sequence[str]) -> None:
 
 
 def precompile(
-    method: str, k: int, raw_dtypes: Sequence[str], announce: Callable[[], None] | None = None
+    kernel: str, k: int, raw_dtypes: Sequence[str], announce: Callable[[], None] | None = None
 ) -> None:
     """Compile the kernels of a merge in a child process, once per install and kernel source.
 
@@ -403,12 +404,12 @@ def precompile(
         return
     here = Path(__file__)
     key = hashlib.sha256(
-        repr((here.read_bytes(), numba.__version__, method, k, sorted(raw_dtypes))).encode()
+        repr((here.read_bytes(), numba.__version__, kernel, k, sorted(raw_dtypes))).encode()
     ).hexdigest()[:16]
     marker = here.parent / "__pycache__" / f"streammerge-kernels-{key}.ok"
     if marker.exists():
         return
-    code = f"from {__name__} import warm_up; warm_up({method!r}, {k}, {sorted(raw_dtypes)!r})"
+    code = f"from {__name__} import warm_up; warm_up({kernel!r}, {k}, {sorted(raw_dtypes)!r})"
     if announce is not None:
         announce()
     try:

@@ -19,12 +19,24 @@ from .base import (
     TensorId,
     scalar,
 )
+from .spec import WEIGHT_COLUMN, MethodSpec, Param
+
+SPEC = MethodSpec(
+    name="linear",
+    summary="weighted average of the models (no base)",
+    params=(
+        Param("weight", required=True),
+        Param("normalize", "bool", per_model=False, doc="divide by the sum of the weights"),
+    ),
+    needs_base=False,
+    cuda=True,
+    card=(WEIGHT_COLUMN,),
+    example={"weight": 0.5},
+)
 
 
 class Linear(ChunkLocalMethod):
-    name = "linear"
-    sparsifies = False
-    uses_base = False
+    spec = SPEC
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         return 8

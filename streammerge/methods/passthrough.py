@@ -19,6 +19,17 @@ from .base import (
     TensorId,
     scalar,
 )
+from .spec import CardColumn, MethodSpec, Param, Values, number
+
+SPEC = MethodSpec(
+    name="passthrough",
+    summary="one model's tensors, optionally scaled",
+    params=(Param("scale", default=1.0, doc="factor applied to the model's values"),),
+    needs_base=False,
+    max_models=1,
+    card=(CardColumn("scale", lambda p, o: number(p.weight)),),
+    example={"scale": 0.5},
+)
 
 
 def scaled(ft: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -28,9 +39,11 @@ def scaled(ft: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Passthrough(ChunkLocalMethod):
-    name = "passthrough"
-    sparsifies = False
-    uses_base = False
+    spec = SPEC
+
+    def model_params(self, values: Values) -> ModelParams:
+        scale = values.get("scale")
+        return ModelParams(1.0 if scale is None else float(scale))
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         return 8

@@ -1,7 +1,8 @@
 """CABS from stored masks: re-weighting a merge (remix) and appending a model (add).
 
-Pure functions on one chunk, used by the engine when it replays a finished merge's occupancy
-store instead of selecting (``streammerge remix`` / ``streammerge add``). Both perform the same
+Pure functions on one chunk, and :class:`Replay`, the method the engine runs when it replays
+a finished merge's occupancy store instead of selecting (``streammerge remix`` / ``add``).
+Both perform the same
 IEEE operations in the same order as :meth:`Cabs.merge` (torch and compiled paths alike), so
 their bytes equal a full run's:
 
@@ -15,13 +16,15 @@ can do so exactly; see its docstring for the one case it cannot (subnormal under
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import kernels
-from .base import MergeResult, MethodOptions, ModelParams, scalar
+from .base import MergeResult, Method, MethodBase, MethodOptions, ModelParams, TensorId, scalar
 from .nm import _INT_OF, magnitude_key, nm_select
 
 if kernels.HAVE_NUMBA:
@@ -167,3 +170,95 @@ def add_next(
             keep = claimed[idx] & ~torch.isnan(acc[idx]) & ~((b[idx] == 0) & zero_w)
             out[idx[keep]] = old_out[idx[keep]]
     return MergeResult(out, [*old_masks, mask])
+
+
+MaskReader = Callable[[int, str, int, int], torch.Tensor]
+"""``read(k, tensor, start, end)``: model k's stored mask of elements ``[start, end)``."""
+
+
+@dataclass(slots=True)
+class _ReplayState:
+    tensor: TensorId
+    params: Sequence[ModelParams]
+    options: MethodOptions
+    dtype: torch.dtype
+
+
+class Replay(MethodBase):
+    """A finished merge replayed from its masks, as a method (the scheduler sees no difference).
+
+    ``remix``: the sources are the base and every model; the masks of all of them are read
+    through ``read_mask``. ``add``: the sources are the base, the new model and the finished
+    output; the earlier models' masks are read, the new model's is selected by
+    :func:`add_next`. The method's spec (parameters, card, capabilities) is the replayed
+    method's; only a method whose spec allows ``remix`` is replayed (CABS).
+    """
+
+    releases_heap = True
+    """Its chunk temporaries fragment glibc's heap (see ``runtime.trim_heap``)."""
+
+    def __init__(self, inner: Method, read_mask: MaskReader, add: bool = False) -> None:
+        self.spec = inner.spec
+        self.inner = inner
+        self.read_mask = read_mask
+        self.add = add
+
+    def alignment(self, params: Sequence[ModelParams]) -> int:
+        return self.inner.alignment(params)
+
+    def work_bytes(self, k: int, itemsize: int) -> int:
+        return self.inner.work_bytes(k, itemsize)
+
+    def resident_bytes(self, k: int, itemsize: int) -> int:
+        return self.inner.resident_bytes(k, itemsize)
+
+    def stats_passes(
+        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+    ) -> int:
+        return 0
+
+    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
+        return True
+
+    def new_state(
+        self,
+        tensor: TensorId,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+    ) -> _ReplayState:
+        return _ReplayState(tensor, params, options, dtype)
+
+    def accumulate(self, state: Any, pass_index: int, start: int, base: torch.Tensor,
+                   fts: Sequence[torch.Tensor]) -> None:  # fmt: skip
+        raise AssertionError("a replay has no statistics passes")
+
+    def end_pass(self, state: Any, pass_index: int) -> None:
+        raise AssertionError("a replay has no statistics passes")
+
+    def merge(
+        self, state: _ReplayState, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
+    ) -> MergeResult:
+        end = start + base.numel()
+        stored = len(state.params) - 1 if self.add else len(state.params)
+        name = state.tensor.name
+        masks = [self.read_mask(k, name, start, end) for k in range(stored)]
+        if self.add:
+            ft, old = fts
+            # the finished output's dtype is the plan's output dtype
+            return add_next(base, ft, old, masks, state.params, state.options, state.dtype,
+                            old.dtype)  # fmt: skip
+        weights = [p.weight for p in state.params]
+        return MergeResult(apply_masks(base, fts, masks, weights, state.dtype), masks)
+
+    def reference(
+        self,
+        tensor: TensorId,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+    ) -> MergeResult:
+        """The replayed method's reference (a replay's bytes must equal a full run's)."""
+        return self.inner.reference(tensor, base, fts, params, options, dtype)

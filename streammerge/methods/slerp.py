@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import MergeResult, MethodOptions, ModelParams, TensorId, scalar
+from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
+from .spec import CardColumn, MethodSpec, Param, number
 
 BLOCK = 4096
 """Elements per partial sum of the statistics pass (chunk starts are multiples of it)."""
@@ -75,10 +76,20 @@ class SlerpState:
     coef: tuple[float, float] | None = None
 
 
-class Slerp:
-    name = "slerp"
-    sparsifies = False
-    uses_base = True
+SPEC = MethodSpec(
+    name="slerp",
+    summary="spherical interpolation between the base and one model",
+    params=(Param("t", per_model=False, required=True, doc="0 = the base, 1 = the model"),),
+    min_models=1,
+    max_models=1,
+    stats=("float64 sums of b*f, b*b and f*f per 4096-element block (dot product and norms)",),
+    card=(CardColumn("t", lambda p, o: "-" if o.t is None else number(o.t)),),
+    example={"t": 0.3},
+)
+
+
+class Slerp(MethodBase):
+    spec = SPEC
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         return BLOCK

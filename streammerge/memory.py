@@ -8,12 +8,12 @@ Anonymous RSS is ``rss - shared`` in psutil's terms.
 from __future__ import annotations
 
 import re
-import resource
 import threading
 from dataclasses import dataclass
 
 import psutil
 
+from . import platform
 from .errors import StreamMergeError
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -46,14 +46,13 @@ def default_max_memory() -> int:
 
 
 def current_rss() -> tuple[int, int]:
-    """(RSS, anonymous RSS) of this process, in bytes."""
-    mi = psutil.Process().memory_info()
-    return mi.rss, mi.rss - mi.shared
+    """(RSS, anonymous RSS) of this process, in bytes (anonymous = RSS outside Linux)."""
+    return platform.rss()
 
 
 def peak_rss() -> int:
     """Peak RSS (VmHWM) of this process so far, in bytes: the kernel's exact high-water mark."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return platform.peak_rss()
 
 
 class RssSampler:
@@ -66,10 +65,8 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _run(self) -> None:
-        proc = psutil.Process()
         while not self._stop.wait(self.interval_s):
-            mi = proc.memory_info()
-            self.peak_anon = max(self.peak_anon, mi.rss - mi.shared)
+            self.peak_anon = max(self.peak_anon, current_rss()[1])
 
     def __enter__(self) -> RssSampler:
         self._thread.start()

@@ -6,25 +6,24 @@ object (:data:`LINUX`, :data:`MACOS`, :data:`WINDOWS`) rather than ``if sys.plat
 scattered through the code, so tests on one machine can select every branch explicitly; only
 the fallbacks that need a missing primitive degrade (``getattr`` on optional constants).
 
-======================  ===================  ========================  =========================
-primitive               Linux                macOS                     Windows
-======================  ===================  ========================  =========================
-durable data flush      ``fdatasync``        ``F_FULLFSYNC`` [#]_      ``fsync`` (FlushFileBuffers)
-directory fsync         ``fsync`` of the dir  same                     none (NTFS journals it)
-folder lock             ``flock``            ``flock``                 ``O_EXCL`` lock file + pid
-mapped input pages      one map + DONTNEED   a map per chunk [#]_      a map per chunk
-sequential-read hint    ``MADV_SEQUENTIAL``  ``MADV_SEQUENTIAL``       none
-heap trimming           glibc ``malloc_trim``  none                    none
-atomic replace          ``os.replace``       ``os.replace``            ``os.replace`` + retries
-positional read/write   ``pread``/``pwrite``  same                     seek + read/write, locked
-======================  ===================  ========================  =========================
+Primitive: Linux / macOS / Windows
 
-.. [#] macOS ``fsync`` leaves data in the drive's cache; ``F_FULLFSYNC`` flushes it (falling
-   back to ``fsync`` where a filesystem refuses it).
-.. [#] Darwin's ``MADV_DONTNEED`` only deactivates pages and ``MADV_FREE`` is for anonymous
-   memory, so neither reliably shrinks the RSS of a file mapping; Windows has no advice at all.
-   There, readers map one window per chunk instead and the window is unmapped when its last
-   view is dropped, which bounds RSS by the chunks alive (what ``--max-memory`` plans for).
+* durable flush: ``fdatasync`` / ``F_FULLFSYNC`` (1) / ``fsync`` (FlushFileBuffers)
+* directory sync: ``fsync`` of the directory / same / none (NTFS journals renames)
+* folder lock: ``flock`` / ``flock`` / an ``O_EXCL`` lock file holding the pid
+* mapped input pages: one map per file + ``MADV_DONTNEED`` / one map per chunk (2) / same
+* sequential-read hint: ``MADV_SEQUENTIAL`` / same / none
+* heap trimming: glibc ``malloc_trim`` / none / none
+* atomic replace: ``os.replace`` / same / ``os.replace`` retried on sharing violations
+* positional I/O: ``pread``/``pwrite`` / same / seek + read/write under a lock
+* peak RSS (host-dispatched): ``ru_maxrss`` KiB / ``ru_maxrss`` bytes / peak working set
+
+(1) macOS ``fsync`` leaves data in the drive's cache; ``F_FULLFSYNC`` flushes it (falling back
+to ``fsync`` where a filesystem refuses it).
+(2) Darwin's ``MADV_DONTNEED`` only deactivates pages and ``MADV_FREE`` is for anonymous memory,
+so neither reliably shrinks the RSS of a file mapping; Windows has no advice at all. There,
+readers map one window per chunk instead, unmapped when its last view is dropped, which bounds
+RSS by the chunks alive (what ``--max-memory`` plans for).
 
 ``STREAMMERGE_PLATFORM=linux|macos|windows`` makes :func:`current` return that implementation
 for the whole process, so the resume, kill and memory tests can run with the non-Linux
@@ -44,6 +43,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from .errors import StreamMergeError
 
@@ -371,6 +372,31 @@ def _lock_holder(path: Path) -> int | None:
     except PermissionError:  # Windows: still open by its writer
         return 0
     return None
+
+
+def rss() -> tuple[int, int]:
+    """(RSS, anonymous RSS) of this process in bytes, as the host kernel reports them.
+
+    Only Linux splits file-backed pages out (psutil's ``shared``); elsewhere the anonymous
+    figure is the whole RSS, an upper bound.
+    """
+    mi = psutil.Process().memory_info()
+    return mi.rss, mi.rss - getattr(mi, "shared", 0)
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process so far in bytes (the kernel's high-water mark).
+
+    ``ru_maxrss`` is KiB on Linux but bytes on macOS; Windows has no ``resource`` module and
+    reports the peak working set instead. Dispatched on the host, whatever is forced: units
+    are the kernel's, not a choice.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return int(getattr(psutil.Process().memory_info(), "peak_wset", 0))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def pid_alive(pid: int) -> bool:

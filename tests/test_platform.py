@@ -362,3 +362,10 @@ def test_kill_then_resume_under_the_windows_fallback(tmp_path):
     assert "resumed:" in resumed.stdout
     assert snapshot(out) == snapshot(tmp_path / "ref")
     assert not (out / STATE_DIR).exists()
+
+
+def test_rss_figures_are_bytes_from_the_host_kernel():
+    """``ru_maxrss`` units differ by OS: a wrong factor puts the peak 1024x off the current RSS."""
+    now, anon = plat_mod.rss()
+    peak = plat_mod.peak_rss()
+    assert 0 < anon <= now <= peak < 100 * now

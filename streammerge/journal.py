@@ -8,25 +8,26 @@ and the chunk length; every later line records work that is already durable on d
 * ``{"tensor": t}``: tensor t is complete, mask attributes included;
 * ``{"shard": s}``: shard s was fsynced and renamed to its final name.
 
-Order of durability: data first (``fdatasync`` of the shard, ``fsync`` of mask chunk files),
+Order of durability: data first (a data sync of the shard, a full sync of mask chunk files),
 then the journal line. A line cut short by a crash is ignored. Running the same command again
 replays the journal and continues; the finished folder is byte-identical to an uninterrupted
 run because every byte written is a deterministic function of the plan.
+
+The OS-specific calls (syncs, the lock, atomic renames) come from :mod:`.platform`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import StreamMergeError
+from .platform import HeldLock, LockHeld, Platform, current
 
 STATE_DIR = ".streammerge"
 JOURNAL = "journal.jsonl"
@@ -56,9 +57,10 @@ class Progress:
 class Journal:
     """The append-only progress log of one output folder."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, platform: Platform | None = None) -> None:
         self.dir = out_dir / STATE_DIR
         self.path = self.dir / JOURNAL
+        self.platform = platform or current()
         self._f: IO[str] | None = None
 
     def exists(self) -> bool:
@@ -88,21 +90,21 @@ class Journal:
     def create(self, header: Mapping[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".partial")
-        with tmp.open("w") as f:
+        with tmp.open("w", encoding="utf-8", newline="") as f:
             f.write(json.dumps(header, sort_keys=True) + "\n")
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.dir)
+            self.platform.full_sync(f.fileno())
+        self.platform.replace(tmp, self.path)
+        self.platform.sync_dir(self.dir)
 
     def append(self, entry: Mapping[str, Any]) -> None:
         if self._f is None:
             # the journal may end in a torn line from a crash: cut it before appending
             self._truncate_torn_tail()
-            self._f = self.path.open("a")
+            self._f = self.path.open("a", encoding="utf-8", newline="")
         self._f.write(json.dumps(entry) + "\n")
         self._f.flush()
-        os.fsync(self._f.fileno())
+        self.platform.full_sync(self._f.fileno())
 
     def _truncate_torn_tail(self) -> None:
         data = self.path.read_bytes()
@@ -118,50 +120,44 @@ class Journal:
 
 
 class FolderLock:
-    """An exclusive ``flock`` on ``OUT_DIR/.streammerge/lock``; the kernel drops it if we die."""
+    """An exclusive lock on ``OUT_DIR/.streammerge/lock`` (:meth:`.Platform.lock`): ``flock``,
+    which the kernel drops if we die, or on Windows a pid file that a later run takes over
+    once its process is gone."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, platform: Platform | None = None) -> None:
         self.path = out_dir / STATE_DIR / LOCK
-        self._fd = -1
+        self.platform = platform or current()
+        self._held: HeldLock | None = None
 
     def __enter__(self) -> FolderLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = -1
+            self._held = self.platform.lock(self.path)
+        except LockHeld as e:
+            # a pid is known only for lock files, which a reused pid could keep: name the file
+            who = f" (process {e.pid}; if it is not one, delete {self.path})" if e.pid else ""
             raise StreamMergeError(
                 f"another streammerge run is writing {self.path.parent.parent}; wait for it "
-                "to finish or stop it first"
+                f"to finish or stop it first{who}"
             ) from None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)  # closing releases the lock
-            self._fd = -1
+        if self._held is not None:
+            self._held.release()
+            self._held = None
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames and creations in ``path`` durable."""
-    _fsync(path)
+def fsync_dir(path: Path, platform: Platform | None = None) -> None:
+    """Make renames and creations in ``path`` durable (a no-op where the OS journals them)."""
+    (platform or current()).sync_dir(path)
 
 
-def fsync_file(path: Path) -> None:
-    """fsync an existing file (zarr's LocalStore writes atomically but never fsyncs)."""
+def fsync_file(path: Path, platform: Platform | None = None) -> None:
+    """Sync an existing file (zarr's LocalStore writes atomically but never syncs)."""
     # an all-zero chunk is not stored at all (write_empty_chunks=False)
     with contextlib.suppress(FileNotFoundError):
-        _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        (platform or current()).sync_file(path)
 
 
 def explain_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

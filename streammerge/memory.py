@@ -12,13 +12,13 @@ Anonymous RSS is ``rss - shared`` in psutil's terms.
 from __future__ import annotations
 
 import re
-import resource
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import psutil
 
+from . import platform
 from .errors import StreamMergeError
 
 if TYPE_CHECKING:
@@ -54,14 +54,13 @@ def default_max_memory() -> int:
 
 
 def current_rss() -> tuple[int, int]:
-    """(RSS, anonymous RSS) of this process, in bytes."""
-    mi = psutil.Process().memory_info()
-    return mi.rss, mi.rss - mi.shared
+    """(RSS, anonymous RSS) of this process, in bytes (anonymous = RSS outside Linux)."""
+    return platform.rss()
 
 
 def peak_rss() -> int:
     """Peak RSS (VmHWM) of this process so far, in bytes: the kernel's exact high-water mark."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return platform.peak_rss()
 
 
 class RssSampler:
@@ -74,10 +73,8 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _run(self) -> None:
-        proc = psutil.Process()
         while not self._stop.wait(self.interval_s):
-            mi = proc.memory_info()
-            self.peak_anon = max(self.peak_anon, mi.rss - mi.shared)
+            self.peak_anon = max(self.peak_anon, current_rss()[1])
 
     def __enter__(self) -> RssSampler:
         self._thread.start()

@@ -1,13 +1,16 @@
 """Where bytes meet disk: a memory-mapped safetensors reader and a positional shard writer.
 
-Reading: we parse the header ourselves and ``mmap`` the whole shard privately. A chunk of a
-tensor (a flat element range) is returned as a zero-copy torch view of the mapping; once the
-caller is done with it, :meth:`SafetensorsFile.release` drops the pages from this process
-(``MADV_DONTNEED``) so that mapped input never accumulates in RSS, whatever the model size.
+Reading: we parse the header ourselves and ``mmap`` the shard privately. A chunk of a tensor
+(a flat element range) is returned as a zero-copy torch view of the mapping; once the caller is
+done with it, :meth:`SafetensorsFile.release` drops the pages from this process so that mapped
+input never accumulates in RSS, whatever the model size. Where the OS can release pages of a
+file mapping (Linux) one mapping covers the whole shard; elsewhere each chunk gets its own
+mapped window, unmapped when its views are dropped (:mod:`.platform`).
 
 Writing: every output shard is planned before any math (names, dtypes, shapes, offsets), so the
 header is known up front. A shard is created as ``<name>.partial`` at its final size and filled
-with ``os.pwrite`` at precomputed offsets, in any order; it is fsynced and renamed when complete.
+with positional writes at precomputed offsets, in any order; it is synced and renamed when
+complete.
 We never truncate a path that could be mapped as an input (safetensors issue #762).
 
 Format facts (safetensors ``tensor.rs``): 8-byte little-endian header length N, N bytes of
@@ -22,6 +25,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, StreamMergeError
+from .platform import BINARY, Platform, current
 
 MAX_HEADER_SIZE = 100_000_000
 """Largest header the reference implementation accepts, in bytes."""
@@ -201,11 +206,13 @@ class SafetensorsFile:
     memory) and drop them before :meth:`close`.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, platform: Platform | None = None) -> None:
         self.path = path
+        self.platform = platform or current()
         self.tensors, self.metadata = read_header(path)
         self._mm: mmap.mmap | None = None
         self._fd: int | None = None
+        self._fd_lock = threading.Lock()  # preload threads and the reader open it lazily
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
@@ -213,8 +220,20 @@ class SafetensorsFile:
                 # ACCESS_COPY (MAP_PRIVATE, writable) lets torch.frombuffer alias the pages
                 # without a read-only warning; we never write, so nothing is ever copied.
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._mm.madvise(mmap.MADV_SEQUENTIAL)
+            self.platform.advise_sequential(self._mm)
         return self._mm
+
+    def _fileno(self) -> int:
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | BINARY)
+            return self._fd
+
+    def _mapped(self, b: int, e: int) -> tuple[mmap.mmap, int]:
+        """A mapping holding bytes ``[b, e)`` and where ``b`` lies in it."""
+        if self.platform.windowed_maps:
+            return self.platform.map_window(self._fileno(), b, e - b)
+        return self._map(), b
 
     def _byte_range(self, name: str, start: int, end: int) -> tuple[int, int]:
         t = self.tensors[name]
@@ -228,12 +247,16 @@ class SafetensorsFile:
         dtype = FLOAT_DTYPES[self.tensors[name].dtype]
         if e == b:
             return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(self._map(), dtype=dtype, count=end - start, offset=b)
+        mm, off = self._mapped(b, e)
+        return torch.frombuffer(mm, dtype=dtype, count=end - start, offset=off)
 
     def read_bytes(self, name: str, start: int, end: int) -> bytes:
         """Raw bytes of elements ``[start, end)`` (any dtype), as a copy."""
         b, e = self._byte_range(name, start, end)
-        return bytes(self._map()[b:e]) if e > b else b""
+        if e == b:
+            return b""
+        mm, off = self._mapped(b, e)
+        return bytes(mm[off : off + e - b])
 
     def preload(self, name: str, start: int, end: int, buf: bytearray) -> None:
         """Read elements ``[start, end)`` into the page cache (blocking; run it in a thread).
@@ -243,11 +266,10 @@ class SafetensorsFile:
         no RSS until it is used. The GIL is released while the kernel reads.
         """
         b, e = self._byte_range(name, start, end)
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        fd = self._fileno()
         view = memoryview(buf)
         while b < e:
-            got = os.preadv(self._fd, [view[: min(len(buf), e - b)]], b)
+            got = self.platform.pread_into(fd, view[: min(len(buf), e - b)], b)
             if got <= 0:
                 raise InputError(f"{self.path}: unexpected end of file reading {name!r}")
             b += got
@@ -255,7 +277,8 @@ class SafetensorsFile:
     def release(self, name: str, start: int, end: int) -> None:
         """Drop the mapped pages of a consumed range from this process's RSS.
 
-        Pages stay in the page cache; touching them again just faults them back in.
+        Pages stay in the page cache; touching them again just faults them back in. With
+        windowed maps there is nothing to do: a window goes when its last view does.
         """
         if self._mm is None:
             return
@@ -263,7 +286,7 @@ class SafetensorsFile:
         lo = (b // _PAGE) * _PAGE
         hi = min(-(-e // _PAGE) * _PAGE, len(self._mm))
         if hi > lo:
-            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            self.platform.release_pages(self._mm, lo, hi - lo)
 
     def close(self) -> None:
         if self._mm is not None:
@@ -365,39 +388,45 @@ def write_index(out_dir: Path, shards: Sequence[ShardPlan], extra: dict[str, str
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file so that readers see either the old or the complete new content."""
+    plat = current()
     tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w") as f:
+    # utf-8 and "\n" whatever the OS: the same bytes on every platform
+    with tmp.open("w", encoding="utf-8", newline="") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        plat.full_sync(f.fileno())
+    plat.replace(tmp, path)
 
 
 class ShardWriter:
     """Fills one planned shard at precomputed offsets; renames it into place when complete."""
 
-    def __init__(self, out_dir: Path, plan: ShardPlan, resume: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, plan: ShardPlan, resume: bool = False, platform: Platform | None = None
+    ) -> None:
         self.plan = plan
+        self.platform = platform or current()
         self.final_path = out_dir / plan.filename
         self.partial_path = out_dir / (plan.filename + ".partial")
         self._by_name = {t.name: t for t in plan.tensors}
         if resume and self.partial_path.is_file():
             # continue filling a shard from an interrupted run: it must be the same layout
-            self._fd = os.open(self.partial_path, os.O_RDWR)
-            head = os.pread(self._fd, len(plan.header), 0)
+            self._fd = os.open(self.partial_path, os.O_RDWR | BINARY)
+            head = self.platform.pread(self._fd, len(plan.header), 0)
             if head != plan.header or os.fstat(self._fd).st_size != plan.size:
                 os.close(self._fd)
                 raise StreamMergeError(
                     f"{self.partial_path} does not match the plan (damaged?); rerun with --restart"
                 )
             return
-        self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, plan.header, 0)
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | BINARY
+        self._fd = os.open(self.partial_path, flags, 0o644)
+        self.platform.pwrite(self._fd, plan.header, 0)
         os.ftruncate(self._fd, plan.size)  # sparse until filled
 
     def sync(self) -> None:
         """Make the bytes written so far durable (before the journal says they are)."""
-        os.fdatasync(self._fd)
+        self.platform.data_sync(self._fd)
 
     def write(self, name: str, start_elem: int, data: bytes | memoryview) -> None:
         """Write the bytes of elements starting at ``start_elem`` of tensor ``name``."""
@@ -408,17 +437,18 @@ class ShardWriter:
         mv = memoryview(data).cast("B")
         try:
             while mv:
-                n = os.pwrite(self._fd, mv, pos)
+                n = self.platform.pwrite(self._fd, mv, pos)
                 mv, pos = mv[n:], pos + n
         except OSError as e:  # name the file: a bare ENOSPC from pwrite carries none
             raise OSError(e.errno, e.strerror, str(self.partial_path)) from e
 
     def finish(self) -> None:
-        """fsync, close and rename ``.partial`` to the final name."""
-        os.fsync(self._fd)
+        """Sync, close and rename ``.partial`` to the final name (closed first: Windows
+        refuses to rename an open file)."""
+        self.platform.full_sync(self._fd)
         os.close(self._fd)
         self._fd = -1
-        os.replace(self.partial_path, self.final_path)
+        self.platform.replace(self.partial_path, self.final_path)
 
     def abort(self) -> None:
         if self._fd >= 0:

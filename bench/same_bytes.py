@@ -116,10 +116,30 @@ def run_all(tree: Path, presets: list[str], root: Path, scratch: Path, only: set
             print(f"{preset}/{name}: {secs:.1f} s", file=sys.stderr)
             if name == "cabs":
                 for verb, args in (
-                    ("remix", ["remix", str(out), str(scratch / "remix"), "--weight", "ft1=0.6",
-                               "--weight", "ft2=1.1"]),
-                    ("add", ["add", str(out), str(scratch / "add"), "--model", str(fam / "ft3"),
-                             "--weight", "0.7"]),
+                    (
+                        "remix",
+                        [
+                            "remix",
+                            str(out),
+                            str(scratch / "remix"),
+                            "--weight",
+                            "ft1=0.6",
+                            "--weight",
+                            "ft2=1.1",
+                        ],
+                    ),
+                    (
+                        "add",
+                        [
+                            "add",
+                            str(out),
+                            str(scratch / "add"),
+                            "--model",
+                            str(fam / "ft3"),
+                            "--weight",
+                            "0.7",
+                        ],
+                    ),
                 ):
                     shutil.rmtree(scratch / verb, ignore_errors=True)
                     secs = merge(tree, args)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import platform
 from .device import default_max_vram, resolve_device
 from .errors import StreamMergeError
 from .memory import (
@@ -330,13 +331,14 @@ def _read_speed(base: ModelFolder) -> float:
     size = f.path.stat().st_size
     block, done = 4 * 2**20, 0
     t0 = time.perf_counter()
+    plat = platform.current()
     try:
-        fd = os.open(f.path, os.O_RDONLY)
+        fd = os.open(f.path, os.O_RDONLY | platform.BINARY)
     except OSError as e:
         raise StreamMergeError(f"{f.path}: cannot read: {e.strerror}") from e
     try:
         while done < min(size, READ_PROBE_BYTES) and time.perf_counter() - t0 < READ_PROBE_S:
-            n = len(os.pread(fd, block, done))
+            n = len(plat.pread(fd, block, done))
             if not n:
                 break
             done += n

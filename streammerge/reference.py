@@ -12,7 +12,7 @@ from contextlib import ExitStack
 import torch
 from safetensors import safe_open
 
-from .methods import METHODS, TensorId
+from .methods import TensorId
 from .model import ModelFolder
 from .plan import Densities, layer_positions, tensor_params
 from .recipe import Recipe
@@ -25,7 +25,7 @@ def reference_merge(
 
     ``densities``: TADrop's per-(model, tensor) densities, as the engine computed them.
     """
-    method = METHODS[recipe.method]
+    method = recipe.impl
     folders = [ModelFolder(recipe.base), *(ModelFolder(m.path) for m in recipe.models)]
     with ExitStack() as stack:
         handles = [
@@ -37,7 +37,7 @@ def reference_merge(
         ]
 
         def get(i: int, name: str) -> torch.Tensor:
-            return handles[i][folders[i].where[name].path.name].get_tensor(name)
+            return handles[i][folders[i].file_of(name).name].get_tensor(name)
 
         names = folders[0].names()
         positions = layer_positions(names)
@@ -46,7 +46,13 @@ def reference_merge(
             if not b.is_floating_point() or recipe.excluded(name):
                 yield name, b, None
                 continue
-            params, options = tensor_params(recipe, name, positions[name], densities)
+            params, options = tensor_params(recipe, name, positions[name])
+            if densities is not None:
+                params = tuple(
+                    method.with_density(p, densities[(k, name)])
+                    if (k, name) in densities else p
+                    for k, p in enumerate(params)
+                )  # fmt: skip
             fts = [get(i, name) for i in range(1, len(folders))]
             tid = TensorId(name, b.numel())
             r = method.reference(tid, b, fts, params, options, recipe.dtype)

@@ -4,7 +4,6 @@ RSS, handing freed heap back to the kernel, and compiling kernels in a child pro
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import sys
 import threading
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from . import platform
 from .memory import current_rss, format_size
 
 if TYPE_CHECKING:
@@ -95,26 +95,13 @@ def with_rss(bar: tqdm) -> Callable[[int], None]:
 
 
 def trim_heap() -> None:
-    """Hand freed heap pages back to the kernel (glibc only; a no-op elsewhere).
+    """Hand freed heap pages back to the kernel where libc can (see ``platform.trim_heap``).
 
     The replay path's chunk temporaries are torch tensors of varying sizes below glibc's
     dynamic mmap threshold; without this the heap fragments and RSS creeps up by hundreds of
     MiB over a 1B-parameter replay (measured), past the budget the chunks were sized for.
     """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _load_libc()
+    platform.current().trim_heap()
 
 
 def precompile_kernels(

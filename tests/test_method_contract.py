@@ -185,3 +185,22 @@ def test_bad_parameters_get_the_spec_error(spec: MethodSpec, fam) -> None:
         if len(doc["models"]) > spec.max_models:
             with pytest.raises(RecipeError, match="model"):
                 parse_recipe(doc)
+
+
+def test_no_method_name_is_tested_outside_methods() -> None:
+    """Behaviour is read from specs: no source file outside ``methods/`` names a method."""
+    import re
+
+    import streammerge
+
+    package = Path(streammerge.__file__).parent
+    names = "|".join(re.escape(n) for n in NAMES)
+    pattern = re.compile(rf"""["']({names})["']""")
+    offenders = [
+        f"{p.relative_to(package)}:{i}: {line.strip()}"
+        for p in sorted(package.rglob("*.py"))
+        if "methods" not in p.relative_to(package).parts
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders

@@ -17,14 +17,21 @@ can do so exactly; see its docstring for the one case it cannot (subnormal under
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from . import kernels
-from .base import MergeResult, Method, MethodBase, MethodOptions, ModelParams, TensorId, scalar
+from .base import (
+    ChunkLocal,
+    ChunkLocalMethod,
+    MergeResult,
+    Method,
+    MethodOptions,
+    ModelParams,
+    TensorId,
+    scalar,
+)
 from .nm import _INT_OF, magnitude_key, nm_select
 
 if kernels.HAVE_NUMBA:
@@ -176,15 +183,7 @@ MaskReader = Callable[[int, str, int, int], torch.Tensor]
 """``read(k, tensor, start, end)``: model k's stored mask of elements ``[start, end)``."""
 
 
-@dataclass(slots=True)
-class _ReplayState:
-    tensor: TensorId
-    params: Sequence[ModelParams]
-    options: MethodOptions
-    dtype: torch.dtype
-
-
-class Replay(MethodBase):
+class Replay(ChunkLocalMethod):
     """A finished merge replayed from its masks, as a method (the scheduler sees no difference).
 
     ``remix``: the sources are the base and every model; the masks of all of them are read
@@ -212,32 +211,8 @@ class Replay(MethodBase):
     def resident_bytes(self, k: int, itemsize: int) -> int:
         return self.inner.resident_bytes(k, itemsize)
 
-    def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
-    ) -> int:
-        return 0
-
-    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
-        return True
-
-    def new_state(
-        self,
-        tensor: TensorId,
-        params: Sequence[ModelParams],
-        options: MethodOptions,
-        dtype: torch.dtype,
-    ) -> _ReplayState:
-        return _ReplayState(tensor, params, options, dtype)
-
-    def accumulate(self, state: Any, pass_index: int, start: int, base: torch.Tensor,
-                   fts: Sequence[torch.Tensor]) -> None:  # fmt: skip
-        raise AssertionError("a replay has no statistics passes")
-
-    def end_pass(self, state: Any, pass_index: int) -> None:
-        raise AssertionError("a replay has no statistics passes")
-
     def merge(
-        self, state: _ReplayState, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
+        self, state: ChunkLocal, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
     ) -> MergeResult:
         end = start + base.numel()
         stored = len(state.params) - 1 if self.add else len(state.params)

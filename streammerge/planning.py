@@ -174,6 +174,8 @@ def describe_plan(
         warnings.append(f"{out_dir} holds an interrupted run: `run` resumes it with its chunks")
         if chunk_elems is None and not opts.restart:  # as run_merge does
             chunk_elems = state.chunk_elems
+    elif state.kind == "orphaned":
+        warnings.append(f"{out_dir} holds shards without a journal: `run` needs --restart")
     if recipe.tadrop:
         warnings.append("TADrop densities are decided by a sampling pass when the merge runs")
     with ExitStack() as opened:

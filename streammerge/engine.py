@@ -38,6 +38,7 @@ from .options import MergeOptions
 from .output import (
     Claim,
     OutputFolder,
+    check_model_files,
     file_sha256,
     marker,
     plan_digest,
@@ -114,6 +115,7 @@ def run_merge(
         max_vram = default_max_vram(dev)
     inputs = [recipe.base, *(m.path for m in recipe.models)]
     out.check_inputs(inputs + ([replay.source] if replay else []))
+    check_model_files(recipe)
     state = out.inspect()
     # a resume must cut the tensors into the interrupted run's chunks
     resumed = state.chunk_elems if state.kind == "interrupted" and not opts.restart else None

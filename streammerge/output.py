@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .card import CARD_NAME
-from .errors import StreamMergeError
+from .errors import InputError, StreamMergeError
 from .journal import (
     INCOMPLETE,
     STATE_DIR,
@@ -487,6 +487,38 @@ def _existing(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path
+
+
+JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "chat_template.json",
+)
+"""Copied files that must parse as JSON (checked before any heavy work)."""
+
+
+def check_model_files(recipe: Recipe) -> None:
+    """The files a merge will copy from the base must be readable, and the JSON ones valid:
+    found before the merge rather than at finalize, after all the work."""
+    for name in COPIED_FILES:
+        src = recipe.base / name
+        if src.is_symlink() and not src.exists():
+            raise InputError(f"{src}: a broken link")
+        if not src.is_file():
+            continue
+        try:
+            data = src.read_bytes()
+            if name in JSON_FILES:
+                json.loads(data)
+        except OSError as e:
+            raise InputError(f"{src}: cannot read: {e.strerror}") from None
+        except ValueError as e:
+            raise InputError(f"{src}: invalid JSON ({e})") from None
 
 
 def _copy_model_files(recipe: Recipe, out_dir: Path) -> None:

@@ -33,7 +33,7 @@ from .memory import (
 from .methods import TensorId
 from .model import ModelFolder, read_chunks
 from .options import MergeOptions
-from .output import OutputFolder
+from .output import OutputFolder, check_model_files
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipe
 from .runtime import precompile_kernels
@@ -161,6 +161,7 @@ def describe_plan(
         recipe = load_recipe(Path(recipe))
     out = OutputFolder(Path(out_dir))
     out.check_inputs([recipe.base, *(m.path for m in recipe.models)])
+    check_model_files(recipe)
     dev = resolve_device(opts.device, recipe.impl.spec)
     max_vram = opts.max_vram
     if dev.type == "cuda" and max_vram is None:

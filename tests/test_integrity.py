@@ -204,3 +204,27 @@ def test_verify_refuses_what_is_not_a_finished_merge(tmp_path) -> None:
     (tmp_path / "streammerge.json").write_text(json.dumps({"complete": True}))
     res = CliRunner().invoke(main, ["verify", str(tmp_path)])
     assert res.exit_code == 2 and "no shard digests" in res.stderr
+
+
+def test_invalid_base_config_is_refused_before_any_work(fam, tmp_path) -> None:
+    base, _, r = fam
+    (base / "config.json").write_text("{not json")
+    with pytest.raises(StreamMergeError, match=r"config\.json: invalid JSON"):
+        run_merge(r, tmp_path / "o", **RUN)
+    assert not (tmp_path / "o").exists()
+    from streammerge.planning import describe_plan
+
+    with pytest.raises(StreamMergeError, match=r"config\.json"):
+        describe_plan(r, tmp_path / "o", calibrate=False)
+
+
+def test_block_alignment_beyond_the_budget_is_refused(tmp_path) -> None:
+    base, fts = make_family(tmp_path / "m", k=2, shapes={"w": (4096, 1024)})
+    r = parse_recipe({
+        "merge_method": "cabs", "base_model": str(base),
+        "models": [{"model": str(f)} for f in fts],
+        "parameters": {"n_val": 1, "m_val": 2**22},
+    })  # fmt: skip
+    with pytest.raises(StreamMergeError, match="m_val"):
+        run_merge(r, tmp_path / "o", max_memory=700 * 2**20)
+    assert not (tmp_path / "o" / "streammerge.json").exists()

@@ -184,6 +184,11 @@ def run(
     parsed = load_recipe(recipe)
     for w in parsed.warnings:  # before the heavy work, so a typo is seen at once
         warning(w)
+    if log_json is not None:  # never append to an input's file
+        from .output import check_not_inside
+
+        inputs = [parsed.base, *(m.path for m in parsed.models)]
+        check_not_inside(log_json, inputs, "--log-json")
     log = _open_log(log_json) if log_json is not None else None
     try:
         options = MergeOptions(
@@ -361,6 +366,11 @@ def _print_plan(r: PlanReport, tensors: bool) -> None:
 
 
 def _print_summary(s: RunSummary) -> None:
+    if s.up_to_date:
+        click.echo(f"{s.out_dir} already holds this merge, complete; nothing to do")
+        return
+    for line in s.repaired:
+        warning(f"resume: {line}")
     rate = s.bytes_read / s.seconds if s.seconds else 0.0
     click.echo(
         f"merged {s.tensors} tensors in {s.seconds:.1f} s: read {format_size(s.bytes_read)} "
@@ -525,6 +535,33 @@ def inspect(
     if plot is not None:
         plot_report(report, plot)
         click.echo(f"plot: {plot}", err=as_json)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--inputs", is_flag=True, help="Also check the inputs still match their fingerprints."
+)
+@_user_errors
+def verify(out_dir: Path, inputs: bool) -> None:
+    """Check that OUT_DIR still holds exactly what the merge wrote (shard and store digests).
+
+    Exit status 0 only when everything matches; 1 with one error line per difference.
+
+    \b
+    Example:
+      streammerge verify merged/ --inputs
+    """
+    from .verify import verify_output
+
+    report = verify_output(out_dir, inputs=inputs)
+    for problem in report.problems:
+        error(problem)
+    if not report.ok:
+        sys.exit(1)
+    extra = f", {report.inputs} input folders" if inputs else ""
+    store = ", occupancy store" if report.store else ""
+    click.echo(f"{out_dir}: ok ({report.shards} shards{store}{extra} match)")
 
 
 if __name__ == "__main__":

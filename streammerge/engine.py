@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -34,7 +35,16 @@ from .methods import Method, TensorId
 from .methods.replay import Replay as ReplayMethod
 from .model import ModelFolder, read_chunks
 from .options import MergeOptions
-from .output import Claim, OutputFolder, marker, plan_digest
+from .output import (
+    Claim,
+    OutputFolder,
+    check_model_files,
+    file_sha256,
+    marker,
+    plan_digest,
+    store_digest,
+    verify_resume,
+)
 from .plan import MergePlan, TensorTask, build_plan, with_densities
 from .recipe import Recipe, load_recipe
 from .results import RunSummary, TensorReport
@@ -105,6 +115,7 @@ def run_merge(
         max_vram = default_max_vram(dev)
     inputs = [recipe.base, *(m.path for m in recipe.models)]
     out.check_inputs(inputs + ([replay.source] if replay else []))
+    check_model_files(recipe)
     state = out.inspect()
     # a resume must cut the tensors into the interrupted run's chunks
     resumed = state.chunk_elems if state.kind == "interrupted" and not opts.restart else None
@@ -125,6 +136,10 @@ def run_merge(
                 precompile_kernels(plan, base, models, verbose=opts.progress)
             # the digest excludes TADrop's densities: they follow from the inputs and recipe
             digest = plan_digest(plan, [base, *models], old_attrs)
+            if state.kind == "finished" and not opts.force:
+                done = out.already_done(digest)
+                if done is not None:  # the same merge of the same inputs: nothing to do
+                    return RunSummary(**done, warnings=recipe.warnings, up_to_date=True)
             claim_ = out.claim(digest, plan.budget.chunk_elems, restart=opts.restart,
                                force=opts.force)  # fmt: skip
             with claim_ as claim:
@@ -145,8 +160,11 @@ def run_merge(
                 store = mask_store or ZarrMaskStore(
                     out.path / STORE_NAME, mode="w" if claim.fresh else "r+"
                 )
+                repaired: list[str] = []
                 if claim.fresh:
                     store.set_attrs(merge_attrs(plan, tadrop))
+                else:  # trust nothing an interrupted run left that does not check out
+                    repaired = verify_resume(plan, claim.done, out.path, store)
                 scheduler = Scheduler(plan, method, base, models, claim, store,
                                       opts.allow_nonfinite, dev, on_tensor)  # fmt: skip
                 with RssSampler() as sampler, StopOnSignals() as stop:
@@ -166,9 +184,13 @@ def run_merge(
                     merged_elems=sum(t.numel for t in plan.tensors if t.merged),
                     resumed_chunks=scheduler.skipped,
                     total_chunks=sum(len(t.chunks()) for t in plan.tensors),
+                    repaired=tuple(repaired),
                 )
                 card = model_card(recipe, plan, tadrop, claim.started)
-                claim.finalize(recipe, plan, card, marker(recipe, summary, tadrop))
+                shards = {sp.filename: claim.done.shard_sha256[i]
+                          for i, sp in enumerate(plan.shards)}  # fmt: skip
+                record = marker(recipe, summary, tadrop, digest, shards, store_digest(out.path))
+                claim.finalize(recipe, plan, card, record)
                 return summary
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -347,7 +369,9 @@ class Scheduler:
                 )
             ShardWriter(self.out_dir, plan, resume=True).finish()
         fsync_dir(self.out_dir)
-        self.journal.append({"shard": shard})
+        digest = file_sha256(self.out_dir / plan.filename)  # read back: what is on disk
+        self.done.shard_sha256[shard] = digest
+        self.journal.append({"shard": shard, "sha256": digest})
 
     def _preload(self, task: TensorTask, start: int, end: int) -> None:
         for src in (self.base, *self.models) if task.merged else (self.base,):
@@ -413,9 +437,9 @@ class Scheduler:
             self._writes.drain()
             for k in range(len(models)):
                 self.store.create(k, task.name, task.shape, task.chunk_elems)
-                for ci in skip:
-                    s, e = task.chunks()[ci]
-                    kept[k] += int(torch.count_nonzero(self.store.read_range(k, task.name, s, e)))
+            for ci in skip:  # verified against the store before the run (output.verify_resume)
+                for k, n in enumerate(self.done.kept[(ti, ci)]):
+                    kept[k] += n
         for ci, s, views in self._walk(ti, task, skip):
             if self.stager is not None:
                 views = self.stager.to_device(views)
@@ -451,12 +475,18 @@ class Scheduler:
         if not (self.allow_nonfinite or math.isfinite(float(total))):
             self._check_finite(task, start, out)
         assert self.writer is not None
-        self.writer.write(task.name, start, tensor_bytes(out))
-        for k, mask in enumerate(masks):
-            self.store.write(k, task.name, start, mask)
-            self._pending_masks.append((k, task.name, start))
-            kept[k] += int(torch.count_nonzero(mask))  # ~30x faster than bool sum
-        self._pending.append({"chunk": [ti, ci]})
+        data = tensor_bytes(out)
+        self.writer.write(task.name, start, data)
+        entry: dict[str, object] = {"chunk": [ti, ci], "crc": zlib.crc32(data)}
+        if masks:
+            counts = []
+            for k, mask in enumerate(masks):
+                self.store.write(k, task.name, start, mask)
+                self._pending_masks.append((k, task.name, start))
+                counts.append(int(torch.count_nonzero(mask)))  # ~30x faster than bool sum
+                kept[k] += counts[-1]
+            entry["kept"] = counts
+        self._pending.append(entry)
         self._flush()
 
     def _masks_done(self, task: TensorTask, kept: list[int]) -> None:
@@ -503,7 +533,8 @@ class Scheduler:
     def _copy_chunk(self, ti: int, ci: int, task: TensorTask, start: int, end: int) -> None:
         """Write lane: copy a chunk of a tensor the merge leaves as it is in the base."""
         assert self.writer is not None
-        self.writer.write(task.name, start, self.base.read_bytes(task.name, start, end))
+        data = self.base.read_bytes(task.name, start, end)
+        self.writer.write(task.name, start, data)
         self.base.release(task.name, start, end)
-        self._pending.append({"chunk": [ti, ci]})
+        self._pending.append({"chunk": [ti, ci], "crc": zlib.crc32(data)})
         self._flush()

@@ -48,10 +48,58 @@ class Progress:
     chunks: dict[int, set[int]] = field(default_factory=dict)
     tensors: set[int] = field(default_factory=set)
     shards: set[int] = field(default_factory=set)
+    crc: dict[tuple[int, int], int] = field(default_factory=dict)
+    """CRC-32 of the output bytes each journaled chunk wrote, by (tensor, chunk)."""
+    kept: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    """Kept elements per model of each journaled chunk's masks (sparsifying methods)."""
+    shard_sha256: dict[int, str] = field(default_factory=dict)
+    """SHA-256 of each finished shard file."""
 
     @property
     def empty(self) -> bool:
         return not (self.chunks or self.tensors or self.shards)
+
+    def forget_chunk(self, t: int, c: int) -> None:
+        """Redo chunk c of tensor t (and so the tensor's completion)."""
+        self.chunks.get(t, set()).discard(c)
+        self.crc.pop((t, c), None)
+        self.kept.pop((t, c), None)
+        self.tensors.discard(t)
+
+    def forget_shard(self, s: int, tensors: list[int]) -> None:
+        """Redo shard s: its file and every chunk of its ``tensors``."""
+        self.shards.discard(s)
+        self.shard_sha256.pop(s, None)
+        for t in tensors:
+            for c in list(self.chunks.get(t, ())):
+                self.forget_chunk(t, c)
+            self.tensors.discard(t)
+
+
+def _int(x: object) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(f"not an index: {x!r}")
+    return x
+
+
+def _record(done: Progress, entry: dict[str, Any]) -> None:
+    """Fold one journal line into ``done``; ValueError/TypeError/KeyError if it is malformed."""
+    if "chunk" in entry:
+        t, c = (_int(x) for x in entry["chunk"])
+        done.chunks.setdefault(t, set()).add(c)
+        if "crc" in entry:
+            done.crc[(t, c)] = _int(entry["crc"])
+        if "kept" in entry:
+            done.kept[(t, c)] = [_int(x) for x in entry["kept"]]
+    elif "tensor" in entry:
+        done.tensors.add(_int(entry["tensor"]))
+    elif "shard" in entry:
+        s = _int(entry["shard"])
+        done.shards.add(s)
+        if "sha256" in entry:
+            done.shard_sha256[s] = str(entry["sha256"])
+    else:
+        raise KeyError("unknown journal entry")
 
 
 class Journal:
@@ -74,17 +122,16 @@ class Journal:
             for i, line in enumerate(f):
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # torn write at the crash point: everything before it is valid
-                if i == 0:
-                    header = entry
-                elif "chunk" in entry:
-                    t, c = entry["chunk"]
-                    done.chunks.setdefault(t, set()).add(c)
-                elif "tensor" in entry:
-                    done.tensors.add(entry["tensor"])
-                elif "shard" in entry:
-                    done.shards.add(entry["shard"])
+                    if i == 0:
+                        if not isinstance(entry, dict):
+                            raise ValueError("header")
+                        header = entry
+                    else:
+                        _record(done, entry)
+                except (ValueError, TypeError, KeyError):
+                    # a torn write at the crash point (or a damaged line): what came before
+                    # it is valid, nothing after it is trusted
+                    break
         return header, done
 
     def create(self, header: Mapping[str, Any]) -> None:

@@ -15,9 +15,12 @@ Life of ``OUT_DIR`` (every step here, nowhere else):
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import time
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .card import CARD_NAME
-from .errors import StreamMergeError
+from .errors import InputError, StreamMergeError
 from .journal import (
     INCOMPLETE,
     STATE_DIR,
@@ -37,7 +40,7 @@ from .journal import (
     explain_mismatch,
     fsync_dir,
 )
-from .mask_store import STORE_NAME
+from .mask_store import STORE_NAME, MaskStore
 from .memory import format_size
 from .safetensors_io import atomic_write_text, write_index
 
@@ -76,7 +79,8 @@ class FolderState:
     """What an output folder holds, as read without locking or writing."""
 
     kind: str
-    """``new`` (absent), ``empty``, ``interrupted`` or ``finished``."""
+    """``new`` (absent), ``empty``, ``interrupted``, ``finished``, or ``orphaned`` (our
+    files without a journal: only ``--restart`` continues)."""
     header: Mapping[str, Any] = field(default_factory=dict)
     """The interrupted run's journal header (plan digest, chunk length, start date)."""
 
@@ -117,12 +121,41 @@ class OutputFolder:
         others = sorted(
             p.name for p in self.path.iterdir() if p.name not in (STATE_DIR, INCOMPLETE)
         )
-        if others:
+        foreign = [n for n in others if not _ours(n)]
+        if foreign:
             raise StreamMergeError(
-                f"output folder {self.path} is not empty ({others[0]}, ...) and holds no "
+                f"output folder {self.path} is not empty ({foreign[0]}, ...) and holds no "
                 "streammerge run; choose a new folder"
             )
-        return FolderState("empty")
+        # streammerge's files without a journal: a run whose state folder was deleted
+        return FolderState("orphaned" if others else "empty")
+
+    def already_done(self, digest: Mapping[str, object]) -> dict[str, Any] | None:
+        """For a finished folder: the summary fields of its merge when it is this very merge
+        (same plan digest), after clearing what a kill during finalize could leave behind;
+        else None."""
+        try:
+            record = json.loads((self.path / COMPLETE_MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("digest") != json.loads(
+            json.dumps(dict(digest), default=str)
+        ):
+            return None
+        (self.path / INCOMPLETE).unlink(missing_ok=True)
+        if not (self.path / STATE_DIR).is_symlink():
+            shutil.rmtree(self.path / STATE_DIR, ignore_errors=True)
+        return {
+            "out_dir": self.path,
+            "tensors": record.get("tensors", 0),
+            "bytes_read": 0,
+            "bytes_written": 0,
+            "seconds": 0.0,
+            "peak_rss": 0,
+            "peak_anon_rss": 0,
+            "chunk_elems": record.get("chunk_elems", 0),
+            "models": tuple(record.get("models", ())),
+        }
 
     def disk_needed(self, plan: MergePlan) -> int:
         """Bytes still to be written: output shards not yet on disk and the occupancy store
@@ -180,6 +213,14 @@ class OutputFolder:
                 )
             self._wipe()
         if not journal.exists():
+            if self.inspect().kind == "orphaned":
+                if not restart:
+                    raise StreamMergeError(
+                        f"{self.path} holds shards of an unfinished merge whose journal "
+                        f"({STATE_DIR}) is gone, so they cannot be trusted; use --restart to "
+                        "start over"
+                    )
+                self._wipe()
             return {}, Progress()
         if restart:
             self._wipe()
@@ -194,6 +235,12 @@ class OutputFolder:
         return header, done
 
     def _make_state_dir(self) -> None:
+        state = self.path / STATE_DIR
+        if state.is_symlink() or (state.exists() and not state.is_dir()):
+            raise StreamMergeError(
+                f"{state} is a link or not a folder; streammerge writes its journal and lock "
+                "only inside OUT_DIR: remove it"
+            )
         try:
             (self.path / STATE_DIR).mkdir(parents=True, exist_ok=True)
             probe = self.path / STATE_DIR / "write-test"
@@ -277,8 +324,16 @@ def plan_digest(
     return out
 
 
-def marker(recipe: Recipe, summary: RunSummary, tadrop: Mapping[str, object]) -> dict[str, object]:
-    """The completion marker's content."""
+def marker(
+    recipe: Recipe,
+    summary: RunSummary,
+    tadrop: Mapping[str, object],
+    digest: Mapping[str, object],
+    shards: Mapping[str, str],
+    store: str | None,
+) -> dict[str, object]:
+    """The completion marker: what was merged, the plan digest a rerun compares with, and the
+    SHA-256 of every shard and of the occupancy store (``streammerge verify`` checks them)."""
     return {
         "streammerge_version": __version__,
         "complete": True,
@@ -287,8 +342,143 @@ def marker(recipe: Recipe, summary: RunSummary, tadrop: Mapping[str, object]) ->
         "bytes_read": summary.bytes_read,
         "bytes_written": summary.bytes_written,
         "seconds": round(summary.seconds, 3),
+        "chunk_elems": summary.chunk_elems,
+        "models": list(summary.models),
+        "digest": dict(digest),
+        "shards": dict(shards),
+        "store": store,
         **({"tadrop": dict(tadrop)} if tadrop else {}),
     }
+
+
+def store_digest(out_dir: Path) -> str | None:
+    """SHA-256 over the occupancy store's files (relative paths and bytes, sorted by path);
+    None when there is no store."""
+    root = out_dir / STORE_NAME
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root).as_posix()).encode() + b"\0")
+            h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_resume(
+    plan: MergePlan, done: Progress, out_dir: Path, store: MaskStore | None
+) -> list[str]:
+    """Trust nothing of an interrupted run that does not check out: a finished shard whose
+    SHA-256 differs, a journaled chunk whose bytes in its ``.partial`` (or whose kept counts in
+    the mask store) differ from what the journal recorded, a ``.partial`` that is gone. Each is
+    forgotten in ``done`` (so it is redone); returns what was found, for the user.
+
+    A ``.partial`` or shard that is a link or not a regular file is refused outright.
+    """
+    found: list[str] = []
+    by_shard: dict[int, list[int]] = {}
+    for ti, t in enumerate(plan.tensors):
+        by_shard.setdefault(t.shard, []).append(ti)
+    for si, sp in enumerate(plan.shards):
+        final, partial = out_dir / sp.filename, out_dir / (sp.filename + ".partial")
+        for p in (final, partial):
+            if p.is_symlink() or (p.exists() and not p.is_file()):
+                raise StreamMergeError(f"{p} is not a regular file; rerun with --restart")
+        tensors = by_shard.get(si, [])
+        if si in done.shards:
+            if not final.exists() or file_sha256(final) != done.shard_sha256.get(si):
+                found.append(f"{final.name} changed since it was written: redone")
+                done.forget_shard(si, tensors)
+            continue
+        journaled = [(ti, ci) for ti in tensors for ci in sorted(done.chunks.get(ti, ()))]
+        if not journaled:
+            continue
+        if not partial.exists():
+            found.append(f"{partial.name} is gone: its {len(journaled)} chunks are redone")
+            done.forget_shard(si, tensors)
+            continue
+        offsets = {t.name: t for t in sp.tensors}
+        with partial.open("rb") as f:
+            bad = 0
+            for ti, ci in journaled:
+                task = plan.tensors[ti]
+                info = offsets[task.name]
+                s, e = task.chunks()[ci]
+                f.seek(info.begin + s * info.itemsize)
+                data = f.read((e - s) * info.itemsize)
+                if zlib.crc32(data) != done.crc.get((ti, ci)):
+                    done.forget_chunk(ti, ci)
+                    bad += 1
+        if bad:
+            found.append(f"{partial.name}: {bad} journaled chunks differ from the journal: redone")
+    if store is not None and plan.recipe.impl.spec.writes_masks:
+        found += _verify_masks(plan, done, store, by_shard)
+    return found
+
+
+def _verify_masks(
+    plan: MergePlan, done: Progress, store: MaskStore, by_shard: Mapping[int, list[int]]
+) -> list[str]:
+    """Journaled chunks whose stored masks no longer count what the journal recorded (in a
+    finished shard, the whole shard is redone: the scheduler skips finished shards)."""
+    bad = 0
+    k = len(plan.recipe.models)
+    for ti, task in enumerate(plan.tensors):
+        chunks = sorted(done.chunks.get(ti, ()))
+        if not task.merged or not chunks:
+            continue
+        for ci in chunks:
+            s, e = task.chunks()[ci]
+            want = done.kept.get((ti, ci))
+            try:
+                got = [int(store.read_range(m, task.name, s, e).sum()) for m in range(k)]
+            except Exception:  # a damaged or missing array or chunk: redo, never trust
+                got = None
+            if got is None or got != want:
+                done.forget_chunk(ti, ci)
+                if task.shard in done.shards:
+                    done.forget_shard(task.shard, by_shard[task.shard])
+                bad += 1
+        if ti in done.tensors:
+            try:
+                total = [store.kept(m, task.name) for m in range(k)]
+            except Exception:
+                total = None
+            sums = [sum(done.kept[(ti, ci)][m] for ci in chunks) for m in range(k)]
+            if total != sums:
+                done.tensors.discard(ti)
+                if task.shard in done.shards:
+                    done.forget_shard(task.shard, by_shard[task.shard])
+    return [f"occupancy store: {bad} journaled mask chunks differ from the journal: redone"] * (
+        bad > 0
+    )
+
+
+def _ours(name: str) -> bool:
+    """Whether a file name in OUT_DIR is one a streammerge run writes."""
+    return (
+        name in OUR_FILES
+        or name == STORE_NAME
+        or re.fullmatch(r"model-\d+-of-\d+\.safetensors(\.partial)?", name) is not None
+    )
+
+
+def check_not_inside(path: Path, inputs: Sequence[Path], what: str) -> None:
+    """Refuse a path the run would write (``--log-json``) that is, or lies inside, an input."""
+    target = path.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if target == p or p in target.parents:
+            raise StreamMergeError(f"{what} {path} is inside input model folder {p}")
 
 
 def _existing(path: Path) -> Path:
@@ -297,6 +487,38 @@ def _existing(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path
+
+
+JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "chat_template.json",
+)
+"""Copied files that must parse as JSON (checked before any heavy work)."""
+
+
+def check_model_files(recipe: Recipe) -> None:
+    """The files a merge will copy from the base must be readable, and the JSON ones valid:
+    found before the merge rather than at finalize, after all the work."""
+    for name in COPIED_FILES:
+        src = recipe.base / name
+        if src.is_symlink() and not src.exists():
+            raise InputError(f"{src}: a broken link")
+        if not src.is_file():
+            continue
+        try:
+            data = src.read_bytes()
+            if name in JSON_FILES:
+                json.loads(data)
+        except OSError as e:
+            raise InputError(f"{src}: cannot read: {e.strerror}") from None
+        except ValueError as e:
+            raise InputError(f"{src}: invalid JSON ({e})") from None
 
 
 def _copy_model_files(recipe: Recipe, out_dir: Path) -> None:

@@ -115,6 +115,13 @@ def build_plan(
             except ValueError as e:  # a resolved value out of range (e.g. n > m under a filter)
                 raise RecipeError(f"tensor {name}: {e}") from e
             task = _merged(task, recipe, budget.chunk_elems, params, options, k)
+            if chunk_elems is None and min(task.chunk_elems, task.numel) > budget.chunk_elems:
+                raise RecipeError(
+                    f"tensor {name}: {recipe.method} needs chunks of at least "
+                    f"{task.chunk_elems:,} elements here (its block alignment), more than "
+                    f"--max-memory allows ({budget.chunk_elems:,}); use smaller blocks "
+                    "(m_val) or a larger budget"
+                )
         rows.append(task)
     shards = plan_shards([(r.name, r.out_dtype, r.shape) for r in rows], shard_size)
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}

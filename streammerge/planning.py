@@ -33,7 +33,7 @@ from .memory import (
 from .methods import TensorId
 from .model import ModelFolder, read_chunks
 from .options import MergeOptions
-from .output import OutputFolder
+from .output import OutputFolder, check_model_files
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipe
 from .runtime import precompile_kernels
@@ -161,6 +161,7 @@ def describe_plan(
         recipe = load_recipe(Path(recipe))
     out = OutputFolder(Path(out_dir))
     out.check_inputs([recipe.base, *(m.path for m in recipe.models)])
+    check_model_files(recipe)
     dev = resolve_device(opts.device, recipe.impl.spec)
     max_vram = opts.max_vram
     if dev.type == "cuda" and max_vram is None:
@@ -174,6 +175,8 @@ def describe_plan(
         warnings.append(f"{out_dir} holds an interrupted run: `run` resumes it with its chunks")
         if chunk_elems is None and not opts.restart:  # as run_merge does
             chunk_elems = state.chunk_elems
+    elif state.kind == "orphaned":
+        warnings.append(f"{out_dir} holds shards without a journal: `run` needs --restart")
     if recipe.tadrop:
         warnings.append("TADrop densities are decided by a sampling pass when the merge runs")
     with ExitStack() as opened:

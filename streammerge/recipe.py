@@ -218,6 +218,7 @@ def parse_recipe(
     taken as they are): ``streammerge add`` replays a merge whose fine-tunes it never reads.
     """
     warnings: list[str] = []
+    _string_keys(doc, "the recipe")
     for key in UNSUPPORTED_MERGEKIT & set(doc):
         raise RecipeError(f"'{key}:' recipes are not supported; use 'models:'")
     unknown = sorted(set(doc) - TOP_LEVEL - IGNORED_MERGEKIT)
@@ -246,6 +247,7 @@ def parse_recipe(
     gparams = doc.get("parameters") or {}
     if not isinstance(gparams, dict):
         raise RecipeError("'parameters' must be a mapping")
+    _string_keys(gparams, "parameters")
     unknown = sorted(set(gparams) - per_model - global_only)
     if unknown:
         warnings.append(f"parameters not used by {method}, ignored: {', '.join(unknown)}")
@@ -273,6 +275,7 @@ def parse_recipe(
     for i, item in enumerate(raw_models):
         where = f"models[{i}]"
         if isinstance(item, dict):
+            _string_keys(item, where)
             extra = sorted(set(item) - {"model", "parameters"})
             if extra:
                 warnings.append(f"{where}: unknown keys ignored: {', '.join(extra)}")
@@ -282,6 +285,7 @@ def parse_recipe(
             ref, mparams = _model_ref(item, where), {}
         if not isinstance(mparams, dict):
             raise RecipeError(f"{where}.parameters must be a mapping")
+        _string_keys(mparams, f"{where}.parameters")
         if require_models or not Path(ref).expanduser().is_absolute():
             path = _resolve(ref, recipe_dir, f"{where}.model")
         else:
@@ -331,6 +335,12 @@ def parse_recipe(
         source=dict(doc),
         warnings=tuple(warnings),
     )
+
+
+def _string_keys(mapping: Mapping[Any, Any], where: str) -> None:
+    bad = [k for k in mapping if not isinstance(k, str)]
+    if bad:
+        raise RecipeError(f"{where}: keys must be names, got {bad[0]!r}")
 
 
 def _setting(param: Param, name: str, value: Any, where: str) -> ParamValue:

@@ -31,6 +31,10 @@ class RunSummary:
     """Chunks an interrupted run had finished and this run skipped."""
     total_chunks: int = 0
     """Chunks in the plan (merge pass only)."""
+    up_to_date: bool = False
+    """OUT_DIR already held this exact merge, complete; nothing was done."""
+    repaired: tuple[str, ...] = ()
+    """What a resume found changed since the interruption, and redid."""
 
 
 @dataclass(frozen=True, slots=True)

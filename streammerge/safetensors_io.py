@@ -143,7 +143,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             )
         _check_name(path, name)
         shape, (b, e) = tuple(shape), offsets
-        if dtype not in ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise InputError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
         info = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
         if b < 0 or e < b or any(d < 0 or d >= 2**63 for d in shape) or e >= 2**63:

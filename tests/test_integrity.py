@@ -1,0 +1,230 @@
+"""Never a wrong model marked complete: what an interruption leaves is verified before a resume
+trusts it, finished folders can be verified, dead ends have a way out, and nothing is written
+into an input. Each test damages an interrupted or finished output the way a user (or a disk)
+would, and checks the rerun ends in the uninterrupted bytes or one clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_family
+
+import streammerge.engine as engine
+from streammerge import StreamMergeError, parse_recipe, run_merge
+from streammerge.cli import main
+from streammerge.verify import verify_output
+
+RUN = {"chunk_elems": 40, "max_memory": 2**30, "shard_size": 1500}
+"""Small chunks and several shards, so an interruption leaves finished and partial shards."""
+
+
+def recipe(base: Path, fts: list[Path], method: str = "cabs"):
+    params = {"n_val": 2, "m_val": 4} if method == "cabs" else {"density": 0.5}
+    return parse_recipe({
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"weight": w}}
+                   for f, w in zip(fts, (1.0, 0.7), strict=True)],
+        "parameters": params,
+    })  # fmt: skip
+
+
+def files(out: Path) -> dict[str, str]:
+    """SHA-256 of every output file a finished merge keeps (not the marker: it holds times)."""
+    keep = (p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "streammerge.json")
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in keep}
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.fixture
+def fam(tmp_path: Path):
+    base, fts = make_family(tmp_path / "m", k=2)
+    return base, fts, recipe(base, fts)
+
+
+@pytest.fixture
+def whole(fam, tmp_path: Path) -> dict[str, str]:
+    """The bytes of an uninterrupted run."""
+    run_merge(fam[2], tmp_path / "whole", **RUN)
+    return files(tmp_path / "whole")
+
+
+def interrupt(r, out: Path, monkeypatch: pytest.MonkeyPatch, after: int) -> None:
+    """Run until ``after`` chunks were handed to the writer, then crash."""
+    calls = {"n": 0}
+    check = engine.Scheduler._check_stop
+
+    def crash(self: engine.Scheduler) -> None:
+        calls["n"] += 1
+        if calls["n"] == after:
+            raise RuntimeError("simulated crash")
+        check(self)
+
+    monkeypatch.setattr(engine.Scheduler, "_check_stop", crash)
+    monkeypatch.setattr(engine, "JOURNAL_INTERVAL_S", 0.0)  # journal every chunk at once
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_merge(r, out, **RUN)
+    monkeypatch.setattr(engine.Scheduler, "_check_stop", check)
+    assert not (out / "streammerge.json").exists()
+
+
+def test_deleted_partial_is_redone_not_zeroed(fam, whole, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    interrupt(fam[2], out, monkeypatch, after=30)
+    partials = sorted(out.glob("*.partial"))
+    assert partials
+    for p in partials:
+        p.unlink()  # "disk full": deleting the big file is the natural thing to do
+    s = run_merge(fam[2], out, **RUN)
+    assert files(out) == whole
+    assert any("gone" in line for line in s.repaired), s.repaired
+
+
+def test_altered_partial_and_finished_shard_are_redone(fam, whole, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    interrupt(fam[2], out, monkeypatch, after=45)
+    finished = sorted(p for p in out.glob("model-*.safetensors"))
+    partial = sorted(out.glob("*.partial"))
+    assert finished and partial, "the interruption should leave both kinds"
+    for p in (finished[0], partial[0]):
+        data = bytearray(p.read_bytes())
+        first = 8 + int.from_bytes(data[:8], "little")  # the first tensor's first byte
+        data[first] ^= 0xFF
+        p.write_bytes(bytes(data))
+    s = run_merge(fam[2], out, **RUN)
+    assert files(out) == whole
+    assert len(s.repaired) >= 2, s.repaired
+
+
+def test_deleted_mask_chunk_is_redone(fam, whole, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    interrupt(fam[2], out, monkeypatch, after=45)
+    chunks = sorted(p for p in (out / "occupancy.zarr").rglob("c/*") if p.is_file())
+    assert chunks
+    chunks[0].unlink()
+    s = run_merge(fam[2], out, **RUN)
+    assert files(out) == whole
+    assert any("mask" in line for line in s.repaired), s.repaired
+
+
+def test_state_folder_linked_into_an_input_is_refused(fam, tmp_path) -> None:
+    _, fts, r = fam
+    before = tree_digest(fts[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".streammerge").symlink_to(fts[0])
+    with pytest.raises(StreamMergeError, match="link"):
+        run_merge(r, out, **RUN)
+    assert tree_digest(fts[0]) == before
+
+
+def test_log_json_into_an_input_is_refused(fam, tmp_path) -> None:
+    base, fts, _ = fam
+    doc = tmp_path / "r.yaml"
+    doc.write_text(
+        f"merge_method: cabs\nbase_model: {base}\nmodels:\n  - model: {fts[0]}\n"
+        f"  - model: {fts[1]}\nparameters: {{n_val: 2, m_val: 4}}\n"
+    )
+    before = tree_digest(base)
+    res = CliRunner().invoke(main, ["run", str(doc), str(tmp_path / "o"), "--no-progress",
+                                    "--log-json", str(base / "config.json")])  # fmt: skip
+    assert res.exit_code == 2 and "inside input model folder" in res.stderr
+    assert tree_digest(base) == before
+
+
+def test_kill_between_marker_and_incomplete_then_rerun(fam, whole, tmp_path) -> None:
+    out = tmp_path / "whole"
+    (out / "INCOMPLETE").write_text("left by a kill during finalize\n")
+    (out / ".streammerge").mkdir()
+    s = run_merge(fam[2], out, **RUN)  # the same merge: nothing to redo, exit 0
+    assert s.up_to_date
+    assert not (out / "INCOMPLETE").exists() and not (out / ".streammerge").exists()
+    assert files(out) == whole
+
+
+def test_rerun_of_a_finished_merge_is_a_no_op_and_leaves_no_lock(fam, whole, tmp_path) -> None:
+    out = tmp_path / "whole"
+    s = run_merge(fam[2], out, **RUN)
+    assert s.up_to_date and not (out / ".streammerge").exists()
+    changed = recipe(fam[0], fam[1], "ties")  # a different merge still needs --force
+    with pytest.raises(StreamMergeError, match="--force"):
+        run_merge(changed, out, **RUN)
+
+
+def test_orphaned_shards_need_restart_and_restart_works(fam, whole, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    interrupt(fam[2], out, monkeypatch, after=30)
+    shutil.rmtree(out / ".streammerge")
+    with pytest.raises(StreamMergeError, match="--restart"):
+        run_merge(fam[2], out, **RUN)
+    run_merge(fam[2], out, restart=True, **RUN)
+    assert files(out) == whole
+
+
+def test_verify_finds_every_change(fam, whole, tmp_path) -> None:
+    out = tmp_path / "whole"
+    report = verify_output(out, inputs=True)
+    assert report.ok and report.shards > 1 and report.store and report.inputs == 3
+    res = CliRunner().invoke(main, ["verify", str(out), "--inputs"])
+    assert res.exit_code == 0, res.output
+
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["verify", str(out)])
+    assert res.exit_code == 1 and shard.name in res.stderr
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+
+    chunk = next(p for p in (out / "occupancy.zarr").rglob("c/*") if p.is_file())
+    chunk.unlink()
+    assert not verify_output(out).ok
+
+    cfg = fam[1][0] / "model.safetensors"
+    cfg.write_bytes(cfg.read_bytes())  # same bytes, new modification time: a changed input
+    assert any("changed" in p for p in verify_output(out, inputs=True).problems)
+
+
+def test_verify_refuses_what_is_not_a_finished_merge(tmp_path) -> None:
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert (
+        res.exit_code == 2 and res.stderr.startswith("error: ") and "not a finished" in res.stderr
+    )
+    (tmp_path / "streammerge.json").write_text(json.dumps({"complete": True}))
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert res.exit_code == 2 and "no shard digests" in res.stderr
+
+
+def test_invalid_base_config_is_refused_before_any_work(fam, tmp_path) -> None:
+    base, _, r = fam
+    (base / "config.json").write_text("{not json")
+    with pytest.raises(StreamMergeError, match=r"config\.json: invalid JSON"):
+        run_merge(r, tmp_path / "o", **RUN)
+    assert not (tmp_path / "o").exists()
+    from streammerge.planning import describe_plan
+
+    with pytest.raises(StreamMergeError, match=r"config\.json"):
+        describe_plan(r, tmp_path / "o", calibrate=False)
+
+
+def test_block_alignment_beyond_the_budget_is_refused(tmp_path) -> None:
+    base, fts = make_family(tmp_path / "m", k=2, shapes={"w": (4096, 1024)})
+    r = parse_recipe({
+        "merge_method": "cabs", "base_model": str(base),
+        "models": [{"model": str(f)} for f in fts],
+        "parameters": {"n_val": 1, "m_val": 2**22},
+    })  # fmt: skip
+    with pytest.raises(StreamMergeError, match="m_val"):
+        run_merge(r, tmp_path / "o", max_memory=700 * 2**20)
+    assert not (tmp_path / "o" / "streammerge.json").exists()

@@ -419,7 +419,7 @@ class Scheduler:
         models = recipe.models
         out_dtype = FLOAT_DTYPES[task.out_dtype]
         state = method.new_state(
-            TensorId(task.name, task.numel), task.params, task.options, recipe.dtype
+            TensorId(task.name, task.numel, task.shape), task.params, task.options, recipe.dtype
         )
         for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
             for _, s, views in self._walk(ti, task, set()):

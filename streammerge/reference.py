@@ -54,7 +54,7 @@ def reference_merge(
                     for k, p in enumerate(params)
                 )  # fmt: skip
             fts = [get(i, name) for i in range(1, len(folders))]
-            tid = TensorId(name, b.numel())
+            tid = TensorId(name, b.numel(), tuple(b.shape))
             r = method.reference(tid, b, fts, params, options, recipe.dtype)
             out = r.out.to(recipe.out_dtype or b.dtype).reshape(b.shape)
             masks = None if r.masks is None else [m.reshape(b.shape) for m in r.masks]

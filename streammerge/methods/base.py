@@ -100,6 +100,8 @@ class TensorId:
 
     name: str
     numel: int
+    shape: tuple[int, ...] = ()
+    """The tensor's shape (row-wise statistics need its last dimension); ``()`` if unknown."""
 
     @property
     def key(self) -> int:

@@ -6,6 +6,7 @@ capabilities, card columns); everything outside ``methods/`` reads the spec, nev
 
 from __future__ import annotations
 
+from .arcee_fusion import ArceeFusion
 from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
 from .cabs import Cabs
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
@@ -27,6 +28,7 @@ METHODS: dict[str, Method] = {
         Slerp(),
         Passthrough(),
         Nearswap(),
+        ArceeFusion(),
     )
 }
 

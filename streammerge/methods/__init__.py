@@ -13,6 +13,7 @@ from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .linear import Linear
 from .nearswap import Nearswap
 from .passthrough import Passthrough
+from .ram import Ram
 from .slerp import Slerp
 
 METHODS: dict[str, Method] = {
@@ -29,6 +30,7 @@ METHODS: dict[str, Method] = {
         Passthrough(),
         Nearswap(),
         ArceeFusion(),
+        Ram(),
     )
 }
 

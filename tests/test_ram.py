@@ -16,6 +16,7 @@ from streammerge.methods.base import run_chunked
 from streammerge.reference import reference_merge
 
 RAM = METHODS["ram"]
+RAMPLUS = METHODS["ramplus_tl"]
 
 
 def numpy_ram(base, fts, eps=1e-5, r=None, alpha=0.2):
@@ -55,7 +56,7 @@ def options(method, **values) -> MethodOptions:
     return METHODS[method].options({p.name: values.get(p.name, p.default) for p in spec.params})
 
 
-@pytest.mark.parametrize("method", ["ram"])
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_chunked_equals_reference_any_chunk(method, dtype, k):
@@ -88,6 +89,34 @@ def test_ram_unique_and_shared_elements():
     assert got.tolist() == [1.0, 3.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("r", "alpha", "eps"), [(0.1, 0.2, 1e-5), (0.5, 0.8, 3e-3), (2.0, 5.0, 1e-4)]
+)
+def test_ramplus_close_to_numpy(dtype, r, alpha, eps):
+    base, fts = family(20000, 3, 3, dtype)
+    opts = options("ramplus_tl", r=r, alpha=alpha, epsilon=eps)
+    got = run_chunked(RAMPLUS, TensorId("w", 20000), base, fts, params(3), opts, torch.float32,
+                      3000).out  # fmt: skip
+    want = numpy_ram(base.float().numpy(), [f.float().numpy() for f in fts], eps, r, alpha)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-8)
+    plain = numpy_ram(base.float().numpy(), [f.float().numpy() for f in fts], eps)
+    assert not np.allclose(want, plain, rtol=1e-6, atol=1e-8)  # the boost does change things
+
+
+def test_ramplus_boost():
+    base = torch.zeros(6)
+    a = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.0, 0.0])  # unique 3, shared 1
+    b = torch.tensor([0.0, 0.0, 0.0, 4.0, 1.0, 0.0])  # unique 1, shared 1
+    opts = options("ramplus_tl", r=0.5, alpha=0.5)
+    got = RAMPLUS.reference(TensorId("w", 6), base, [a, b], params(2), opts, torch.float32).out
+    la = 1 + 0.5 * (1 / 3)  # rho 1/3 (below alpha)
+    lb = 1 + 0.5 * 0.5  # rho 1, clipped to alpha
+    np.testing.assert_allclose(got.numpy(), [la, la, la, 3.0, lb, 0.0], rtol=1e-7)
+    one = RAMPLUS.reference(TensorId("w", 6), base, [a], params(1), opts, torch.float32).out
+    assert torch.equal(one, a)  # one model: nothing shared, lambda 1
+
+
 def _recipe(method, base, fts, **parameters) -> dict:
     doc = {
         "merge_method": method,
@@ -103,9 +132,11 @@ def test_defaults_are_mergekits(tmp_path):
     base, fts = make_family(tmp_path / "m", k=2)
     r = parse_recipe(_recipe("ram", base, fts))
     assert r.options("layer.0.mlp.weight", 0.0).get("epsilon") == 1e-5
+    o = parse_recipe(_recipe("ramplus_tl", base, fts)).options("layer.0.mlp.weight", 0.0)
+    assert (o.get("r"), o.get("alpha"), o.get("epsilon")) == (0.1, 0.2, 1e-5)
 
 
-@pytest.mark.parametrize("method", ["ram"])
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_run_merge_matches_reference(tmp_path, method, dtype):
     base, fts = make_family(tmp_path / "m", k=3, dtype=dtype)

@@ -13,7 +13,7 @@ from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .linear import Linear
 from .nearswap import Nearswap
 from .passthrough import Passthrough
-from .ram import Ram
+from .ram import Ram, RamPlus
 from .slerp import Slerp
 
 METHODS: dict[str, Method] = {
@@ -31,6 +31,7 @@ METHODS: dict[str, Method] = {
         Nearswap(),
         ArceeFusion(),
         Ram(),
+        RamPlus(),
     )
 }
 

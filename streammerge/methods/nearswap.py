@@ -7,7 +7,10 @@ For the base ``a`` and the one other model ``b``, per element::
 
 so elements that differ by at most ``t`` take ``b``'s value and farther ones move toward ``b``
 by ``t / |a - b|``. Everything is elementwise (no statistics pass); the arithmetic runs in the
-compute dtype, ``t`` rounded to it first, in mergekit's order of operations.
+compute dtype, ``t`` rounded to it first, in mergekit's order of operations. That includes the
+division: torch evaluates mergekit's ``t / tensor`` as ``reciprocal(tensor) * t`` (two roundings),
+and so do we, so float32 models give mergekit's bytes exactly. bf16 models differ where
+mergekit's bf16 arithmetic rounds every step and ours (float32) rounds once.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ MIN_DIFF = 1e-6
 def nearswap(t: float, base: torch.Tensor, ft: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The merged values of one range of elements (1-D inputs, any float dtype)."""
     a, b = base.to(dtype), ft.to(dtype)
-    w = (scalar(t, dtype) / (a - b).abs().clamp(min=MIN_DIFF)).clamp(min=0, max=1)
+    w = ((a - b).abs().clamp(min=MIN_DIFF).reciprocal() * scalar(t, dtype)).clamp(min=0, max=1)
     return w * b + (1 - w) * a
 
 
@@ -102,5 +105,5 @@ class Nearswap(ChunkLocalMethod):
         t = scalar(_t(options), dtype)
         diff = torch.abs(a - b)
         diff = torch.where(diff < MIN_DIFF, torch.tensor(MIN_DIFF, dtype=dtype), diff)
-        w = torch.clamp(t / diff, 0, 1)
+        w = torch.clamp(torch.reciprocal(diff) * t, 0, 1)
         return MergeResult(w * b + (1 - w) * a, None)

@@ -14,7 +14,7 @@ from test_streaming_equals_reference import load_output, same_bytes
 
 from streammerge import parse_recipe, run_merge
 from streammerge.errors import RecipeError
-from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId
+from streammerge.methods import METHODS, MethodOptions, ModelParams, TensorId, arcee_fusion
 from streammerge.methods.arcee_fusion import add_row_sums, quantile_positions, row_length
 from streammerge.methods.base import run_chunked
 from streammerge.reference import reference_merge
@@ -58,8 +58,9 @@ def pair(rows: int, row: int, seed: int = 0, dtype: torch.dtype = torch.float32)
     return a.flatten().to(dtype), b.flatten().to(dtype)
 
 
-CASES = [(40, 24), (3, 5000), (7, 1), (1, 9000)]
-"""(rows, row length): short rows, rows longer than a block, one-element rows, one row."""
+CASES = [(40, 24), (3, 5000), (7, 1), (1, 9000), (20, 4000)]
+"""(rows, row length): short rows, rows longer than a block, one-element rows, one row, and a
+tensor above SMALL (radix-select quantiles rather than a sort)."""
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -75,7 +76,7 @@ def test_chunked_equals_reference_any_chunk(dtype, rows, row):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("rows", "row"), [(40, 24), (3, 5000), (200, 64)])
+@pytest.mark.parametrize(("rows", "row"), [(40, 24), (3, 5000), (200, 64), (300, 320)])
 def test_close_to_numpy_mergekit_formula(dtype, rows, row):
     a, b = pair(rows, row, 2, dtype)
     n = a.numel()
@@ -84,6 +85,20 @@ def test_close_to_numpy_mergekit_formula(dtype, rows, row):
     want, mask = numpy_fusion(a.float().numpy(), b.float().numpy(), row)
     assert 0 < mask.sum() < n  # the threshold does select some elements
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("rows", "row"), [(40, 24), (3, 5000), (1, 9000), (1, 1), (2, 2)])
+def test_radix_quantiles_equal_the_sort(monkeypatch, rows, row):
+    a, b = pair(rows, row, 6)
+    n = a.numel()
+    tid = ShapedId("w", n, (rows, row))
+    small = run_chunked(FUSION, tid, a, [b], P, OPTS, torch.float32, 4096).out
+    monkeypatch.setattr(arcee_fusion, "SMALL", 0)  # every tensor takes the radix path
+    state = FUSION.new_state(tid, P, OPTS, torch.float32)
+    assert state.small is None and state.topk
+    radix = run_chunked(FUSION, tid, a, [b], P, OPTS, torch.float32, 4096).out
+    assert same_bytes(radix, small)
+    assert same_bytes(radix, FUSION.reference(tid, a, [b], P, OPTS, torch.float32).out)
 
 
 def test_flattened_when_the_id_has_no_shape():

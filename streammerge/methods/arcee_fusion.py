@@ -14,7 +14,8 @@ Streamed in five statistics passes, none of which holds the tensor in memory:
 1. each row's ``sum exp(x - max)`` (the softmax normalisers);
 2. each row's KL sum;
 3. and 4. radix-select histograms (two 16-bit digits of the float32 importance's bits) for
-   the three order statistics at once.
+   the three order statistics at once (tensors of at most :data:`SMALL` elements instead keep
+   their float32 importance in pass 3 and sort it: the same order statistics).
 
 Row sums are float64 and reproducible under any chunking: the flat index is cut into *pieces*,
 the intersections of rows with fixed blocks of :data:`BLOCK` elements (chunk starts are aligned
@@ -59,6 +60,10 @@ EPS = 1e-8
 QUANTILES = (1, 2, 3)
 """q1, median, q3 as quarters."""
 PASSES = 5
+SMALL = 2**16
+"""Tensors of at most this many elements sort their importance (one float32 copy) instead of
+running the radix histograms, whose fixed cost dominates on small tensors; both give the same
+exact order statistics."""
 
 
 def row_length(tensor: TensorId) -> int:
@@ -188,6 +193,8 @@ class FusionState:
     kl32: torch.Tensor | None = None
     topk: list[RadixTopK] = field(default_factory=list)
     min_key: int = 2**31 - 1
+    small: list[torch.Tensor] | None = None
+    """The importance so far, for tensors of at most SMALL elements."""
     thr: torch.Tensor | None = None
 
 
@@ -247,7 +254,10 @@ class ArceeFusion(MethodBase):
         st.stats = [np.full(rows, -np.inf), np.full(rows, -np.inf), np.zeros(rows), np.zeros(rows)]
         st.kl = np.zeros(rows)
         n = tensor.numel
-        st.topk = [RadixTopK(n - j, 32) for j in quantile_positions(n)]
+        if n <= SMALL:
+            st.small = []
+        else:
+            st.topk = [RadixTopK(n - j, 32) for j in quantile_positions(n)]
         return st
 
     def accumulate(
@@ -262,7 +272,12 @@ class ArceeFusion(MethodBase):
         assert start % BLOCK == 0, "chunk starts must be aligned to BLOCK"
         if pass_index >= 3:
             assert st.kl32 is not None
-            key = importance(base, fts[0], start, st.row, st.kl32).view(torch.int32)
+            imp = importance(base, fts[0], start, st.row, st.kl32)
+            if st.small is not None:
+                if pass_index == 3:
+                    st.small.append(imp)
+                return
+            key = imp.view(torch.int32)
             if pass_index == 3 and key.numel():
                 st.min_key = min(st.min_key, int(key.min()))
             add_digit_counts(st.topk, key)
@@ -285,6 +300,13 @@ class ArceeFusion(MethodBase):
         if pass_index == 2:
             assert st.kl is not None
             st.kl32 = row_kl32(st.kl)
+        elif st.small is not None:
+            if pass_index == 3:
+                ordered = torch.sort(torch.cat(st.small)).values if st.small else torch.zeros(1)
+                st.thr = threshold(
+                    *(float(ordered[j]) for j in quantile_positions(ordered.numel()))
+                )
+                st.small = []
         elif pass_index >= 3:
             for t in st.topk:
                 t.end_pass()
@@ -315,6 +337,8 @@ class ArceeFusion(MethodBase):
             )
         a_t, b_t = base.flatten(), fts[0].flatten()
         n, row = a_t.numel(), row_length(tensor)
+        if n == 0:
+            return MergeResult(fuse(a_t, b_t, torch.zeros(0, dtype=torch.bool), dtype), None)
         a, b = _f64(a_t).reshape(-1, row), _f64(b_t).reshape(-1, row)
         rows = row_index(0, n, row)
         stats = [a.max(axis=1), b.max(axis=1), np.zeros(len(a)), np.zeros(len(a))]

@@ -15,7 +15,10 @@ whole-tensor integer counts taken in one statistics pass (exact under any chunki
 ``lambda_k`` computed in float32 as mergekit does and rounded to the compute dtype.
 
 mergekit computes in the input dtype (bf16 models: bf16 task vectors and an epsilon rounded to
-bf16); we compute in the compute dtype (float32 by default), the same formula otherwise.
+bf16); we compute in the compute dtype (float32 by default), the same formula otherwise. On
+float32 models (three models, random data) both methods gave mergekit 0.1.5's bytes exactly;
+on bf16 models the differing elements are almost all ones where ours is nearer a float64
+evaluation (mergekit rounds each bf16 step, we round once).
 """
 
 from __future__ import annotations

@@ -55,10 +55,40 @@ IGNORED_MERGEKIT = {"tokenizer_source", "tokenizer", "chat_template", "name"}
 UNSUPPORTED_MERGEKIT = {"slices", "modules"}
 
 
+MERGEKIT_METHODS = frozenset({
+    "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties",
+    "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    "sce", "ram", "ramplus_tl", "model_stock", "nearswap", "arcee_fusion", "passthrough",
+})  # fmt: skip
+"""mergekit 0.1.5's merge method names (its registry), to tell a method streammerge lacks from
+a typo."""
+
+
 def _method(name: object) -> Method:
-    if not isinstance(name, str) or name not in METHODS:
-        raise RecipeError(f"merge_method must be one of {sorted(METHODS)}, got {name!r}")
-    return METHODS[name]
+    from difflib import get_close_matches
+
+    if isinstance(name, str) and name in METHODS:
+        return METHODS[name]
+    ours = ", ".join(sorted(METHODS))
+    if not isinstance(name, str):
+        raise RecipeError(f"merge_method must be a method name (one of {ours}), got {name!r}")
+    if name in MERGEKIT_METHODS:
+        raise RecipeError(
+            f"merge_method {name!r} is a mergekit method that streammerge does not implement"
+            f" (streammerge has: {ours})"
+        )
+    known = sorted(set(METHODS) | MERGEKIT_METHODS)
+    folded = name.strip().lower().replace("-", "_").replace(" ", "_")  # "TIES", "Dare-Ties"
+    if folded in known:
+        close = [folded]
+    else:
+        close = get_close_matches(name, known, n=3) or get_close_matches(folded, known, n=3)
+    hints = [repr(m) if m in METHODS else f"{m!r} (mergekit's, not in streammerge)" for m in close]
+    guess = f"; did you mean {' or '.join(hints)}?" if hints else ""
+    raise RecipeError(
+        f"merge_method {name!r} is neither a streammerge nor a mergekit method{guess}"
+        f" (streammerge has: {ours})"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,14 @@ capabilities, card columns); everything outside ``methods/`` reads the spec, nev
 
 from __future__ import annotations
 
+from .arcee_fusion import ArceeFusion
 from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
 from .cabs import Cabs
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .linear import Linear
+from .nearswap import Nearswap
 from .passthrough import Passthrough
+from .ram import Ram, RamPlus
 from .slerp import Slerp
 
 METHODS: dict[str, Method] = {
@@ -25,6 +28,10 @@ METHODS: dict[str, Method] = {
         Linear(),
         Slerp(),
         Passthrough(),
+        Nearswap(),
+        ArceeFusion(),
+        Ram(),
+        RamPlus(),
     )
 }
 

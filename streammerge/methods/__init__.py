@@ -10,6 +10,7 @@ from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
 from .cabs import Cabs
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .linear import Linear
+from .multislerp import Multislerp
 from .nuslerp import Nuslerp
 from .passthrough import Passthrough
 from .slerp import Slerp
@@ -26,6 +27,7 @@ METHODS: dict[str, Method] = {
         Linear(),
         Slerp(),
         Nuslerp(),
+        Multislerp(),
         Passthrough(),
     )
 }

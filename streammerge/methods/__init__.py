@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
 from .cabs import Cabs
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
+from .karcher import Karcher
 from .linear import Linear
 from .multislerp import Multislerp
 from .nuslerp import Nuslerp
@@ -28,6 +29,7 @@ METHODS: dict[str, Method] = {
         Slerp(),
         Nuslerp(),
         Multislerp(),
+        Karcher(),
         Passthrough(),
     )
 }

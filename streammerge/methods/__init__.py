@@ -11,6 +11,7 @@ from .cabs import Cabs
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .karcher import Karcher
 from .linear import Linear
+from .model_stock import ModelStock
 from .multislerp import Multislerp
 from .nuslerp import Nuslerp
 from .passthrough import Passthrough
@@ -30,6 +31,7 @@ METHODS: dict[str, Method] = {
         Nuslerp(),
         Multislerp(),
         Karcher(),
+        ModelStock(),
         Passthrough(),
     )
 }

@@ -218,3 +218,22 @@ def test_gradient_weight_changes_t_per_layer(tmp_path: Path):
     p0 = recipe.model_params(1, "layer.0.attn.weight", 0.0)
     p1 = recipe.model_params(1, "layer.0.attn.weight", 1.0)
     assert (p0.weight, p1.weight) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("row_wise", [0.0, 1.0])
+@pytest.mark.parametrize("n", [96 * 437 + 100, 300])
+def test_row_length_with_a_partial_last_row(row_wise, n):
+    """As the plan's probe merges a synthetic chunk: rows of row_length, the last one short
+    (a tensor no longer than a row is one vector)."""
+    from streammerge.methods import TensorId
+
+    b, fts = family((n,), 5, torch.bfloat16)
+    m = {"nuslerp_flatten": 0.0, "nuslerp_row_wise": row_wise, "row_length": 437.0}
+    opts, tid = MethodOptions(extra=tuple(sorted(m.items()))), TensorId("w", n)
+    ref = NU.reference(tid, b, fts, params(), opts, torch.float32).out
+    for chunk in (1, 4097, n - 1):
+        got = run_chunked(NU, tid, b, fts, params(), opts, torch.float32, chunk).out
+        assert same_bytes(got, ref), chunk
+    if n < 437:
+        flat = NU.reference(tid, b, fts, params(), MethodOptions(), torch.float32).out
+        assert same_bytes(ref, flat)

@@ -13,8 +13,9 @@ row of the tensor's last dimension is one vector (mergekit's dim -1), or with
 tensor is one vector either way. The method sees chunks of the flat row-major order and a
 :class:`TensorId` without a shape, so it takes the row length from ``tensor.shape`` when the
 caller provides one (:class:`ShapedTensorId`) and otherwise from the ``row_length`` parameter
-(elements per row of the 2-D view ``[numel / row_length, row_length]``; a tensor with
-``numel == row_length`` is one vector). ``ignore_base`` interpolates the models themselves
+(elements per row of the flat order; a tensor of at most ``row_length`` elements is one
+vector, as a 1-D tensor is in mergekit, and a last partial row is a vector of its own; use a
+filter list when tensors differ). ``ignore_base`` interpolates the models themselves
 (mergekit's nuslerp without a ``base_model``; the recipe still names a base for the layout).
 
 Statistics (Gram entries v_i . v_j, float64, products exact for float32 inputs):
@@ -66,7 +67,11 @@ def pairs(k: int) -> list[tuple[int, int]]:
 def products(xs: Sequence[torch.Tensor]) -> np.ndarray:
     """float64 products x_i * x_j for every pair, shape (pairs, n)."""
     v = [x.to(torch.float64).cpu().numpy() for x in xs]
-    return np.stack([v[i] * v[j] for i, j in pairs(len(v))]) if v else np.zeros((0, 0))
+    idx = pairs(len(v))
+    out = np.empty((len(idx), v[0].shape[0] if v else 0), dtype=np.float64)
+    for p, (i, j) in enumerate(idx):
+        np.multiply(v[i], v[j], out=out[p])
+    return out
 
 
 def unpack(flat: np.ndarray, k: int) -> np.ndarray:
@@ -120,10 +125,11 @@ class Layout:
 
 
 def row_layout(numel: int, length: int) -> Layout:
-    """Rows of ``length`` contiguous elements (one vector if ``length == numel``)."""
-    if length < 1 or numel % length:
-        raise ValueError(f"a row length of {length} does not divide {numel} elements")
-    return Layout(True, length, numel // length)
+    """Rows of ``length`` contiguous elements, the last one shorter if ``length`` does not
+    divide ``numel`` (one vector if ``length >= numel``)."""
+    if length < 1:
+        raise ValueError(f"a row length must be at least 1, got {length}")
+    return Layout(True, length, max(1, -(-numel // length)))
 
 
 class KeyedGram:

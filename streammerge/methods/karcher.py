@@ -28,7 +28,7 @@ import torch
 
 from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId
 from .multislerp import quad
-from .nuslerp import BLOCK, BlockGram, combine, inputs
+from .nuslerp import BLOCK, BlockGram, combine, gram_work_bytes, inputs, merge_bytes
 from .spec import MethodSpec, Param
 
 
@@ -107,10 +107,10 @@ class Karcher(MethodBase):
         return BLOCK
 
     def work_bytes(self, k: int, itemsize: int) -> int:
-        return 4 * (k + 1) + 8 * 3 * (k * (k + 1) // 2) + 8 * k
+        return gram_work_bytes(k, itemsize)
 
     def resident_bytes(self, k: int, itemsize: int) -> int:
-        return 4 * (k + 1)
+        return merge_bytes(k, itemsize)
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype

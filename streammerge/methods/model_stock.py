@@ -26,7 +26,17 @@ import numpy as np
 import torch
 
 from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
-from .nuslerp import BLOCK, BlockGram, KeyedGram, Layout, flag, inputs, row_layout
+from .nuslerp import (
+    BLOCK,
+    BlockGram,
+    KeyedGram,
+    Layout,
+    flag,
+    gram_work_bytes,
+    inputs,
+    merge_bytes,
+    row_layout,
+)
 from .spec import MethodSpec, Param
 
 NORM_PRODUCT_EPS = 1e-6
@@ -117,10 +127,10 @@ class ModelStock(MethodBase):
         return BLOCK
 
     def work_bytes(self, k: int, itemsize: int) -> int:
-        return 4 * (k + 3) + 8 * 3 * (k * (k + 1) // 2) + 16
+        return gram_work_bytes(k, itemsize)
 
     def resident_bytes(self, k: int, itemsize: int) -> int:
-        return 4 * (k + 3)
+        return merge_bytes(k, itemsize)
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype

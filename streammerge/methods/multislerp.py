@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId
-from .nuslerp import BLOCK, BlockGram, combine, flag, inputs
+from .nuslerp import BLOCK, BlockGram, combine, flag, gram_work_bytes, inputs, merge_bytes
 from .spec import WEIGHT_COLUMN, MethodSpec, Param
 
 
@@ -104,10 +104,10 @@ class Multislerp(MethodBase):
         return BLOCK
 
     def work_bytes(self, k: int, itemsize: int) -> int:
-        return 4 * (k + 2) + 8 * 3 * (k * (k + 1) // 2) + 8 * k
+        return gram_work_bytes(k, itemsize)
 
     def resident_bytes(self, k: int, itemsize: int) -> int:
-        return 4 * (k + 2)
+        return merge_bytes(k, itemsize)
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype

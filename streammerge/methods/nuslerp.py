@@ -110,6 +110,19 @@ class BlockGram:
         return unpack(self.acc, self.k)
 
 
+def gram_work_bytes(k: int, itemsize: int) -> int:
+    """Temporaries per chunk element of a Gram statistics pass over k vectors (their
+    compute-dtype copies and the base's, float64 copies, the pair products, and the two
+    copies a per-row fold makes) or of the merge (per-element coefficients, int64 keys)."""
+    p = len(pairs(k))
+    return itemsize * (k + 1) + 8 * k + 8 * p + 16 * p + 24
+
+
+def merge_bytes(k: int, itemsize: int) -> int:
+    """Temporaries per chunk element live in an elementwise merge of k inputs."""
+    return itemsize * (k + 3)
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Which vector each flat element belongs to: ``rows`` (contiguous runs of ``length``) or
@@ -305,10 +318,10 @@ class Nuslerp(MethodBase):
         return BLOCK
 
     def work_bytes(self, k: int, itemsize: int) -> int:
-        return 4 * (k + 2) + 8 * 3 * 4 + 8
+        return gram_work_bytes(k, itemsize)
 
     def resident_bytes(self, k: int, itemsize: int) -> int:
-        return 4 * (k + 2)
+        return merge_bytes(k, itemsize)
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype

@@ -184,6 +184,37 @@ class KeyedGram:
         return unpack(self.acc, self.k)
 
 
+def plain_gram(xs: Sequence[torch.Tensor], layout: Layout | None) -> np.ndarray:
+    """The statistics of :class:`BlockGram` / :class:`KeyedGram` for a whole tensor in memory,
+    written from their definitions: shape (k, k) flattened, (k, k, count) per vector."""
+    v = [x.to(torch.float64).cpu().numpy() for x in xs]
+    k, n = len(v), v[0].shape[0]
+    g = np.zeros((k, k) if layout is None else (k, k, layout.count), dtype=np.float64)
+    for i, j in pairs(k):
+        prod = v[i] * v[j]
+        if layout is None:  # blocks of BLOCK elements, each summed alone, added in order
+            total = 0.0
+            for s in range(0, n, BLOCK):
+                total = total + float(prod[s : s + BLOCK].sum())
+            g[i, j] = g[j, i] = total
+            continue
+        length, full = layout.length, n // layout.length * layout.length
+        rows = prod[:full].reshape(-1, length)
+        tail = prod[full:]
+        if layout.rows:  # each row: 0.0 + its elements, one at a time
+            sums = np.zeros(layout.count)
+            sums[: len(rows)] = np.add.accumulate(
+                np.concatenate([np.zeros((len(rows), 1)), rows], axis=1), axis=1
+            )[:, -1]
+            if len(tail):
+                sums[-1] = np.add.accumulate(np.concatenate([[0.0], tail]))[-1]
+        else:  # each column: 0.0 + its elements, row after row
+            sums = np.add.accumulate(np.concatenate([np.zeros((1, length)), rows]), axis=0)[-1]
+            sums[: len(tail)] = sums[: len(tail)] + tail
+        g[i, j] = g[j, i] = sums
+    return g
+
+
 def combine(
     coef: Sequence[torch.Tensor | float],
     xs: Sequence[torch.Tensor],
@@ -385,8 +416,19 @@ class Nuslerp(MethodBase):
         options: MethodOptions,
         dtype: torch.dtype,
     ) -> MergeResult:
-        state = self.new_state(tensor, params, options, dtype)
-        b, f = base.flatten(), [x.flatten() for x in fts]
-        self.accumulate(state, 0, 0, b, f)
-        self.end_pass(state, 0)
-        return self.merge(state, 0, b, f)
+        t = interpolation_t(params)
+        layout = layout_of(tensor, options)
+        xs, b = inputs(
+            base.flatten(),
+            [x.flatten() for x in fts],
+            dtype,
+            not flag(options, "ignore_base", False),
+        )
+        s0, s1 = coefficients(t, plain_gram(xs, layout))
+        if layout is None:
+            c0, c1 = scalar(float(s0), dtype), scalar(float(s1), dtype)
+        else:
+            keys = layout.keys(0, tensor.numel)
+            c0, c1 = torch.from_numpy(s0).to(dtype)[keys], torch.from_numpy(s1).to(dtype)[keys]
+        out = c0 * xs[0] + c1 * xs[1]
+        return MergeResult(out if b is None else b + out, None)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId
+from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
 from .multislerp import quad
-from .nuslerp import BLOCK, BlockGram, combine, gram_work_bytes, inputs, merge_bytes
+from .nuslerp import BLOCK, BlockGram, combine, gram_work_bytes, inputs, merge_bytes, plain_gram
 from .spec import MethodSpec, Param
 
 
@@ -169,9 +169,13 @@ class Karcher(MethodBase):
         options: MethodOptions,
         dtype: torch.dtype,
     ) -> MergeResult:
-        state = self.new_state(tensor, params, options, dtype)
-        b, f = base.flatten(), [x.flatten() for x in fts]
-        if state.gram is not None:
-            self.accumulate(state, 0, 0, b, f)
-            self.end_pass(state, 0)
-        return self.merge(state, 0, b, f)
+        if len(fts) == 1:
+            return MergeResult(fts[0].flatten().to(dtype, copy=True), None)
+        max_iter, tol = _settings(options)
+        xs = [x.flatten().to(dtype) for x in fts]
+        coef = coefficients(plain_gram(xs, None), max_iter, tol)
+        out = sum(
+            (scalar(float(c), dtype) * x for c, x in zip(coef[1:], xs[1:], strict=True)),
+            scalar(float(coef[0]), dtype) * xs[0],
+        )
+        return MergeResult(out, None)

@@ -35,6 +35,7 @@ from .nuslerp import (
     gram_work_bytes,
     inputs,
     merge_bytes,
+    plain_gram,
     row_layout,
 )
 from .spec import MethodSpec, Param
@@ -188,8 +189,16 @@ class ModelStock(MethodBase):
         options: MethodOptions,
         dtype: torch.dtype,
     ) -> MergeResult:
-        state = self.new_state(tensor, params, options, dtype)
-        b, f = base.flatten(), [x.flatten() for x in fts]
-        self.accumulate(state, 0, 0, b, f)
-        self.end_pass(state, 0)
-        return self.merge(state, 0, b, f)
+        if len(fts) < 2:
+            raise ValueError("model_stock needs at least two models besides the base")
+        layout = layout_of(tensor, options)
+        b, f = base.flatten().to(dtype), [x.flatten().to(dtype) for x in fts]
+        t = interpolation_t(plain_gram([x - b for x in f], layout))
+        if layout is None:
+            tt, one_minus = scalar(float(t), dtype), scalar(1.0 - float(t), dtype)
+        else:
+            keys = layout.keys(0, tensor.numel)
+            tt = torch.from_numpy(t).to(dtype)[keys]
+            one_minus = torch.from_numpy(1.0 - t).to(dtype)[keys]
+        average = sum(f[1:], f[0]) / len(f)
+        return MergeResult(average * tt + b * one_minus, None)

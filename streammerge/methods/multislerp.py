@@ -24,8 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId
-from .nuslerp import BLOCK, BlockGram, combine, flag, gram_work_bytes, inputs, merge_bytes
+from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
+from .nuslerp import (
+    BLOCK,
+    BlockGram,
+    combine,
+    flag,
+    gram_work_bytes,
+    inputs,
+    merge_bytes,
+    plain_gram,
+)
 from .spec import WEIGHT_COLUMN, MethodSpec, Param
 
 
@@ -172,9 +181,19 @@ class Multislerp(MethodBase):
         options: MethodOptions,
         dtype: torch.dtype,
     ) -> MergeResult:
-        state = self.new_state(tensor, params, options, dtype)
-        b, f = base.flatten(), [x.flatten() for x in fts]
-        if state.gram is not None:
-            self.accumulate(state, 0, 0, b, f)
-            self.end_pass(state, 0)
-        return self.merge(state, 0, b, f)
+        if len(fts) == 1:
+            return MergeResult(fts[0].flatten().to(dtype, copy=True), None)
+        eps = options.get("eps")
+        use_base = not flag(options, "ignore_base", False)
+        xs, b = inputs(base.flatten(), [x.flatten() for x in fts], dtype, use_base)
+        coef = coefficients(
+            [p.weight for p in params],
+            plain_gram(xs, None),
+            flag(options, "normalize_weights", True),
+            1e-8 if eps is None else float(eps),
+        )
+        out = sum(
+            (scalar(float(c), dtype) * x for c, x in zip(coef[1:], xs[1:], strict=True)),
+            scalar(float(coef[0]), dtype) * xs[0],
+        )
+        return MergeResult(out if b is None else b + out, None)

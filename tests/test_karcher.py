@@ -135,3 +135,16 @@ def test_run_merge_equals_reference_merge(tmp_path: Path, with_base: bool):
         assert same_bytes(got[name], expected), name
         n += 1
     assert n == len(got)
+
+
+def test_model_card_shows_the_settings(tmp_path: Path):
+    _, fts = make_family(tmp_path / "m", k=2)
+    doc = {
+        "merge_method": "karcher",
+        "models": [{"model": str(f)} for f in fts],
+        "parameters": {"max_iter": 7},
+    }
+    run_merge(parse_recipe(doc), tmp_path / "out", chunk_elems=4096, max_memory=2**30)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| # | model | max_iter | tol |" in card
+    assert "| 7 | 1e-05 |" in card

@@ -153,3 +153,14 @@ def test_one_model_is_refused(tmp_path: Path):
     doc = {"merge_method": "model_stock", "base_model": str(base), "models": [str(fts[0])]}
     with pytest.raises(RecipeError, match="model"):
         parse_recipe(doc)
+
+
+def test_model_card_shows_filter_wise(tmp_path: Path):
+    base, fts = make_family(tmp_path / "m", k=2)
+    doc = {
+        "merge_method": "model_stock",
+        "base_model": str(base),
+        "models": [{"model": str(f)} for f in fts],
+    }
+    run_merge(parse_recipe(doc), tmp_path / "out", chunk_elems=4096, max_memory=2**30)
+    assert "| # | model | filter_wise |" in (tmp_path / "out" / "README.md").read_text()

@@ -29,7 +29,7 @@ import torch
 from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
 from .multislerp import quad
 from .nuslerp import BLOCK, BlockGram, combine, gram_work_bytes, inputs, merge_bytes, plain_gram
-from .spec import MethodSpec, Param
+from .spec import CardColumn, MethodSpec, Param, number
 
 
 def coefficients(g: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
@@ -95,7 +95,10 @@ SPEC = MethodSpec(
     min_models=1,
     stats=("float64 Gram matrix of the models per 4096-element block",),
     cuda=True,
-    card=(),
+    card=(
+        CardColumn("max_iter", lambda p, o: str(_settings(o)[0])),
+        CardColumn("tol", lambda p, o: number(_settings(o)[1])),
+    ),
     example={"max_iter": 10},
 )
 

@@ -38,7 +38,7 @@ from .nuslerp import (
     plain_gram,
     row_layout,
 )
-from .spec import MethodSpec, Param
+from .spec import CardColumn, MethodSpec, Param
 
 NORM_PRODUCT_EPS = 1e-6
 """Products of norms are clamped to at least this before dividing."""
@@ -116,7 +116,7 @@ SPEC = MethodSpec(
     min_models=2,
     stats=("float64 Gram matrix of the task vectors, per 4096-element block or per row",),
     cuda=True,
-    card=(),
+    card=(CardColumn("filter_wise", lambda p, o: str(flag(o, "filter_wise", False)).lower()),),
     example={"filter_wise": False},
 )
 

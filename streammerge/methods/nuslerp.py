@@ -66,12 +66,20 @@ def pairs(k: int) -> list[tuple[int, int]]:
 
 def products(xs: Sequence[torch.Tensor]) -> np.ndarray:
     """float64 products x_i * x_j for every pair, shape (pairs, n)."""
-    v = [x.to(torch.float64).cpu().numpy() for x in xs]
+    v = [as_numpy(x) for x in xs]
     idx = pairs(len(v))
     out = np.empty((len(idx), v[0].shape[0] if v else 0), dtype=np.float64)
-    for p, (i, j) in enumerate(idx):
-        np.multiply(v[i], v[j], out=out[p])
+    for p, (i, j) in enumerate(idx):  # cast to float64, then multiply (exact for float32)
+        np.multiply(v[i], v[j], out=out[p], dtype=np.float64)
     return out
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    """``x`` on the host as float32 or float64 numpy (a view where possible; exact)."""
+    x = x.cpu()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32 if x.element_size() <= 4 else torch.float64)
+    return x.numpy()
 
 
 def unpack(flat: np.ndarray, k: int) -> np.ndarray:

@@ -10,8 +10,12 @@ from .arcee_fusion import ArceeFusion
 from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
 from .cabs import Cabs
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
+from .karcher import Karcher
 from .linear import Linear
+from .model_stock import ModelStock
+from .multislerp import Multislerp
 from .nearswap import Nearswap
+from .nuslerp import Nuslerp
 from .passthrough import Passthrough
 from .ram import Ram, RamPlus
 from .slerp import Slerp
@@ -27,6 +31,10 @@ METHODS: dict[str, Method] = {
         Cabs(),
         Linear(),
         Slerp(),
+        Nuslerp(),
+        Multislerp(),
+        Karcher(),
+        ModelStock(),
         Passthrough(),
         Nearswap(),
         ArceeFusion(),

@@ -296,8 +296,8 @@ def _merge_chunk(
     """What the engine does to one chunk, as a tensor of its own: statistics passes, merge,
     cast to the output dtype, kept counts."""
     method = recipe.impl
-    state = method.new_state(TensorId(task.name, b.numel(), (b.numel(),)), task.params, task.options,
-                             recipe.dtype)  # fmt: skip
+    tid = TensorId(task.name, b.numel(), (b.numel(),))  # a chunk standing in for the tensor
+    state = method.new_state(tid, task.params, task.options, recipe.dtype)
     for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
         method.accumulate(state, p, 0, b, fts)
         method.end_pass(state, p)

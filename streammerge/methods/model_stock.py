@@ -66,7 +66,8 @@ def layout_of(tensor: TensorId, options: MethodOptions) -> Layout | None:
     """None: one t for the tensor; else its rows."""
     if not flag(options, "filter_wise", False):
         return None
-    shape = getattr(tensor, "shape", None)
+    # a shape of () with more than one element means "unknown"
+    shape = tensor.shape if tensor.shape or tensor.numel <= 1 else None
     if shape is not None:
         return row_layout(tensor.numel, shape[-1] if len(shape) > 1 else max(tensor.numel, 1))
     length = options.get("row_length")

@@ -186,8 +186,11 @@ def test_finished_output_needs_force(family, uninterrupted, tmp_path):
     recipe = write_recipe(family, "dare_ties")
     out = tmp_path / "out"
     subprocess.run(cli(recipe, out, "--chunk-elems", CHUNK), check=True, capture_output=True)
-    again = subprocess.run(cli(recipe, out), capture_output=True, text=True)
-    assert again.returncode == 2 and "--force" in again.stderr
+    again = subprocess.run(cli(recipe, out), capture_output=True, text=True)  # the same merge
+    assert again.returncode == 0 and "already holds this merge" in again.stdout, again.stderr
+    other = write_recipe(family, "dare_ties", weight2=0.5)  # a different one needs --force
+    refused = subprocess.run(cli(other, out), capture_output=True, text=True)
+    assert refused.returncode == 2 and "--force" in refused.stderr
     assert snapshot(out) == ref  # untouched
     forced = subprocess.run(
         cli(recipe, out, "--force", "--chunk-elems", CHUNK), capture_output=True

@@ -218,13 +218,18 @@ def test_invalid_base_config_is_refused_before_any_work(fam, tmp_path) -> None:
         describe_plan(r, tmp_path / "o", calibrate=False)
 
 
-def test_block_alignment_beyond_the_budget_is_refused(tmp_path) -> None:
-    base, fts = make_family(tmp_path / "m", k=2, shapes={"w": (4096, 1024)})
+def test_block_alignment_beyond_the_budget_is_refused(tmp_path, monkeypatch) -> None:
+    import streammerge.plan as plan_mod
+    from streammerge.memory import Budget
+
+    # a budget that allows chunks of 2^16 elements (the smallest it ever derives)
+    monkeypatch.setattr(plan_mod, "decide_chunk", lambda m, *a, **k: Budget(m, 1, 2**16))
+    base, fts = make_family(tmp_path / "m", k=2, shapes={"w": (1024, 1024)})
     r = parse_recipe({
         "merge_method": "cabs", "base_model": str(base),
         "models": [{"model": str(f)} for f in fts],
-        "parameters": {"n_val": 1, "m_val": 2**22},
+        "parameters": {"n_val": 1, "m_val": 2**20},
     })  # fmt: skip
     with pytest.raises(StreamMergeError, match="m_val"):
-        run_merge(r, tmp_path / "o", max_memory=700 * 2**20)
+        run_merge(r, tmp_path / "o", max_memory=2**30)
     assert not (tmp_path / "o" / "streammerge.json").exists()

@@ -7,6 +7,7 @@ capabilities, card columns); everything outside ``methods/`` reads the spec, nev
 from __future__ import annotations
 
 from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
+from .breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from .cabs import Cabs
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .linear import Linear
@@ -21,6 +22,8 @@ METHODS: dict[str, Method] = {
         DARE_TIES,
         DARE_LINEAR,
         MAGNITUDE,
+        BREADCRUMBS,
+        BREADCRUMBS_TIES,
         Cabs(),
         Linear(),
         Slerp(),

@@ -165,9 +165,12 @@ class ExactL1:
         return total
 
 
-def l1_ratio(full: float, kept: float) -> float:
-    """mergekit's L1 rescale factor ``||x||_1 / ||mask x||_1`` in float64 (1 when nothing kept)."""
-    return full / kept if kept else 1.0
+def l1_ratio(full: float, kept: float, eps: float = 0.0) -> float:
+    """mergekit's L1 rescale factor ``||x||_1 / ||mask x||_1`` in float64 (1 when nothing kept,
+    or when either norm is below ``eps``: mergekit's ``rescaled_masked_tensor`` uses 1e-7)."""
+    if not kept or full < eps or kept < eps:
+        return 1.0
+    return full / kept
 
 
 def dare_keep(

@@ -12,6 +12,7 @@ from .cabs import Cabs
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .linear import Linear
 from .passthrough import Passthrough
+from .sce import SCE
 from .slerp import Slerp
 
 METHODS: dict[str, Method] = {
@@ -24,6 +25,7 @@ METHODS: dict[str, Method] = {
         MAGNITUDE,
         BREADCRUMBS,
         BREADCRUMBS_TIES,
+        SCE,
         Cabs(),
         Linear(),
         Slerp(),

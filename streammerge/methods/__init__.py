@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
 from .breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from .cabs import Cabs
+from .della import DELLA, DELLA_LINEAR
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .linear import Linear
 from .passthrough import Passthrough
@@ -26,6 +27,8 @@ METHODS: dict[str, Method] = {
         BREADCRUMBS,
         BREADCRUMBS_TIES,
         SCE,
+        DELLA,
+        DELLA_LINEAR,
         Cabs(),
         Linear(),
         Slerp(),

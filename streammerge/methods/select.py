@@ -192,6 +192,22 @@ def dare_keep(
     return out
 
 
+def uniforms(seed: int, model: int, tensor_key: int, start: int, end: int) -> torch.Tensor:
+    """Uniform float64 draws for elements ``[start, end)`` from DARE's blocks (the same
+    generators as :func:`dare_keep`: ``dare_keep(..., p) == (uniforms(...) < p)`` for
+    0 < p < 1), chunking-independent."""
+    out = torch.empty(end - start, dtype=torch.float64)
+    g = torch.Generator()
+    u = torch.empty(RNG_BLOCK, dtype=torch.float64)
+    for blk in range(start // RNG_BLOCK, -(-end // RNG_BLOCK)):
+        b0 = blk * RNG_BLOCK
+        g.manual_seed(_block_seed(seed, model, tensor_key, blk))
+        torch.rand(RNG_BLOCK, generator=g, dtype=torch.float64, out=u)
+        lo, hi = max(start, b0), min(end, b0 + RNG_BLOCK)
+        out[lo - start : hi - start] = u[lo - b0 : hi - b0]
+    return out
+
+
 def _block_seed(seed: int, model: int, tensor_key: int, block: int) -> int:
     h = hashlib.blake2b(f"{seed}/{model}/{tensor_key}/{block}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)

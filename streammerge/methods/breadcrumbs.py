@@ -131,11 +131,13 @@ class Breadcrumbs(Gta):
                 raw = kernel_input(base)
                 for inner, outer, ft in pairs:
                     f = kernel_input(ft)
+                    seen: dict[tuple[int, int | None], torch.Tensor] = {}
                     for t in (inner, outer):
-                        if not t.done:
-                            t.add_counts(
-                                torch.from_numpy(kernels.magnitude_hist(raw, f, *t.digit_args()))
-                            )
+                        if not t.done:  # both thresholds often share this pass's digit
+                            args = t.digit_args()
+                            if args not in seen:
+                                seen[args] = torch.from_numpy(kernels.magnitude_hist(raw, f, *args))
+                            t.add_counts(seen[args])
                 return
             b = base.to(st.dtype)
             for inner, outer, ft in pairs:

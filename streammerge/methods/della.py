@@ -25,6 +25,8 @@ Deterministic choices where mergekit is not, and one deviation:
   (seed, model, tensor, block) as DARE's stream (:func:`.select.uniforms`), instead of an
   unseeded ``torch.bernoulli``.
 * The rescale factor is 1 when either L1 norm is below 1e-7, as mergekit's.
+* TADrop's per-tensor densities are not checked against ``epsilon``: where ``d - e < 0`` or
+  ``d + e > 1`` the probabilities simply saturate (mergekit has no TADrop).
 
 **Exact ranks, streamed.** The keep decision is monotone in the rank, so an element needs its
 exact rank only when its rank bounds straddle its ``u``. Keys (the bits of ``|delta|``) are
@@ -246,6 +248,14 @@ class Della(Gta):
 
     def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
         return False  # equal keys are counted across chunks
+
+    def work_bytes(self, k: int, itemsize: int) -> int:
+        # the family's deltas and masks, plus one model's ranking temporaries at a time: int64
+        # keys, rows, bins, bounds and tie counts, float64 draws and probabilities (~16 x 8)
+        return super().work_bytes(k, itemsize) + 128
+
+    def resident_bytes(self, k: int, itemsize: int) -> int:
+        return self.work_bytes(k, itemsize)
 
     def _rank_passes(self, dtype: torch.dtype) -> int:
         return 2 * len(DIGITS[key_bits(dtype)]) - 1

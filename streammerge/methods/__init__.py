@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from .arcee_fusion import ArceeFusion
 from .base import MergeResult, Method, MethodOptions, ModelParams, TensorId
+from .breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from .cabs import Cabs
+from .della import DELLA, DELLA_LINEAR
 from .gta import DARE_LINEAR, DARE_TIES, MAGNITUDE, TASK_ARITHMETIC, TIES
 from .karcher import Karcher
 from .linear import Linear
@@ -18,6 +20,7 @@ from .nearswap import Nearswap
 from .nuslerp import Nuslerp
 from .passthrough import Passthrough
 from .ram import Ram, RamPlus
+from .sce import SCE
 from .slerp import Slerp
 
 METHODS: dict[str, Method] = {
@@ -28,6 +31,11 @@ METHODS: dict[str, Method] = {
         DARE_TIES,
         DARE_LINEAR,
         MAGNITUDE,
+        BREADCRUMBS,
+        BREADCRUMBS_TIES,
+        SCE,
+        DELLA,
+        DELLA_LINEAR,
         Cabs(),
         Linear(),
         Slerp(),

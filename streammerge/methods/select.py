@@ -165,9 +165,12 @@ class ExactL1:
         return total
 
 
-def l1_ratio(full: float, kept: float) -> float:
-    """mergekit's L1 rescale factor ``||x||_1 / ||mask x||_1`` in float64 (1 when nothing kept)."""
-    return full / kept if kept else 1.0
+def l1_ratio(full: float, kept: float, eps: float = 0.0) -> float:
+    """mergekit's L1 rescale factor ``||x||_1 / ||mask x||_1`` in float64 (1 when nothing kept,
+    or when either norm is below ``eps``: mergekit's ``rescaled_masked_tensor`` uses 1e-7)."""
+    if not kept or full < eps or kept < eps:
+        return 1.0
+    return full / kept
 
 
 def dare_keep(
@@ -186,6 +189,22 @@ def dare_keep(
         torch.rand(RNG_BLOCK, generator=g, dtype=torch.float64, out=u)
         lo, hi = max(start, b0), min(end, b0 + RNG_BLOCK)
         out[lo - start : hi - start] = u[lo - b0 : hi - b0] < p
+    return out
+
+
+def uniforms(seed: int, model: int, tensor_key: int, start: int, end: int) -> torch.Tensor:
+    """Uniform float64 draws for elements ``[start, end)`` from DARE's blocks (the same
+    generators as :func:`dare_keep`: ``dare_keep(..., p) == (uniforms(...) < p)`` for
+    0 < p < 1), chunking-independent."""
+    out = torch.empty(end - start, dtype=torch.float64)
+    g = torch.Generator()
+    u = torch.empty(RNG_BLOCK, dtype=torch.float64)
+    for blk in range(start // RNG_BLOCK, -(-end // RNG_BLOCK)):
+        b0 = blk * RNG_BLOCK
+        g.manual_seed(_block_seed(seed, model, tensor_key, blk))
+        torch.rand(RNG_BLOCK, generator=g, dtype=torch.float64, out=u)
+        lo, hi = max(start, b0), min(end, b0 + RNG_BLOCK)
+        out[lo - start : hi - start] = u[lo - b0 : hi - b0]
     return out
 
 

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from .errors import RecipeError
-from .methods import METHODS
+from .methods import MERGEKIT_METHODS, METHODS
 from .methods.base import Method, MethodOptions, ModelParams
 from .methods.spec import MethodSpec, Param
 from .params import Gradient, ParamValue, parse_value, resolve
@@ -53,15 +53,6 @@ TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out
              "pruning_order", "exclude"}  # fmt: skip
 IGNORED_MERGEKIT = {"tokenizer_source", "tokenizer", "chat_template", "name"}
 UNSUPPORTED_MERGEKIT = {"slices", "modules"}
-
-
-MERGEKIT_METHODS = frozenset({
-    "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties",
-    "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-    "sce", "ram", "ramplus_tl", "model_stock", "nearswap", "arcee_fusion", "passthrough",
-})  # fmt: skip
-"""mergekit 0.1.5's merge method names (its registry), to tell a method streammerge lacks from
-a typo."""
 
 
 def _method(name: object) -> Method:

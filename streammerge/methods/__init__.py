@@ -51,6 +51,14 @@ METHODS: dict[str, Method] = {
     )
 }
 
+MERGEKIT_METHODS = frozenset({
+    "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties",
+    "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    "sce", "ram", "ramplus_tl", "model_stock", "nearswap", "arcee_fusion", "passthrough",
+})  # fmt: skip
+"""mergekit 0.1.5's merge method names (its registry), to tell a method streammerge lacks from
+a typo."""
+
 
 def register(method: Method) -> None:
     """Add a method to the registry (a plugin, or a test's toy method); its name must be new."""
@@ -63,6 +71,7 @@ def register(method: Method) -> None:
 
 
 __all__ = [
+    "MERGEKIT_METHODS",
     "METHODS",
     "MergeResult",
     "Method",

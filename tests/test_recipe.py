@@ -151,7 +151,7 @@ INVALID = {
     "weight not a number": ("cabs", "models/0/parameters/weight", "heavy", ["weight", "'heavy'"]),
     "weight missing": ("ta", "models/1/parameters", {}, ["weight", "models[1]"]),
     "weight gradient with text": ("ta", "models/0/parameters/weight", [1, "x"], ["weight", "'x'"]),
-    "unknown method": ("cabs", "merge_method", "karcher", ["merge_method", "'karcher'"]),
+    "unknown method": ("cabs", "merge_method", "kracher", ["merge_method", "'kracher'", "karcher"]),
     "density above 1": ("ta", "models/0/parameters/density", [0.5, 1.5], ["density", "1.5"]),
     "n_val gradient": ("cabs", "parameters/n_val", [1, 2], ["n_val", "gradient"]),
     "no models": ("cabs", "models", [], ["models"]),

@@ -26,9 +26,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
+from .base import MergeResult, MethodOptions, ModelParams, TensorId, scalar
 from .multislerp import quad
-from .nuslerp import BLOCK, BlockGram, combine, gram_work_bytes, inputs, merge_bytes, plain_gram
+from .nuslerp import (
+    BlockGram,
+    GramMethod,
+    combine,
+    inputs,
+    plain_gram,
+)
 from .spec import CardColumn, MethodSpec, Param, number
 
 
@@ -103,17 +109,8 @@ SPEC = MethodSpec(
 )
 
 
-class Karcher(MethodBase):
+class Karcher(GramMethod):
     spec = SPEC
-
-    def alignment(self, params: Sequence[ModelParams]) -> int:
-        return BLOCK
-
-    def work_bytes(self, k: int, itemsize: int) -> int:
-        return gram_work_bytes(k, itemsize)
-
-    def resident_bytes(self, k: int, itemsize: int) -> int:
-        return merge_bytes(k, itemsize)
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
@@ -150,9 +147,6 @@ class Karcher(MethodBase):
         c = coefficients(state.gram.matrix(), state.max_iter, state.tol)
         state.coef = tuple(float(x) for x in c)
         state.gram = None
-
-    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
-        return True  # the statistics pass is redone on resume; merging is elementwise
 
     def merge(
         self, state: KarcherState, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]

@@ -25,16 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
+from .base import MergeResult, MethodOptions, ModelParams, TensorId, scalar
 from .nuslerp import (
-    BLOCK,
     BlockGram,
+    GramMethod,
     KeyedGram,
     Layout,
     flag,
-    gram_work_bytes,
     inputs,
-    merge_bytes,
     plain_gram,
     row_layout,
 )
@@ -122,17 +120,8 @@ SPEC = MethodSpec(
 )
 
 
-class ModelStock(MethodBase):
+class ModelStock(GramMethod):
     spec = SPEC
-
-    def alignment(self, params: Sequence[ModelParams]) -> int:
-        return BLOCK
-
-    def work_bytes(self, k: int, itemsize: int) -> int:
-        return gram_work_bytes(k, itemsize)
-
-    def resident_bytes(self, k: int, itemsize: int) -> int:
-        return merge_bytes(k, itemsize)
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
@@ -168,9 +157,6 @@ class ModelStock(MethodBase):
         t = interpolation_t(state.stats.matrix())
         state.t = float(t) if state.layout is None else torch.from_numpy(t)
         state.stats = None
-
-    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
-        return True  # the statistics pass is redone on resume; merging is elementwise
 
     def merge(
         self, state: ModelStockState, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]

@@ -24,15 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
+from .base import MergeResult, MethodOptions, ModelParams, TensorId, scalar
 from .nuslerp import (
-    BLOCK,
     BlockGram,
+    GramMethod,
     combine,
     flag,
-    gram_work_bytes,
     inputs,
-    merge_bytes,
     plain_gram,
 )
 from .spec import WEIGHT_COLUMN, MethodSpec, Param
@@ -106,17 +104,8 @@ SPEC = MethodSpec(
 )
 
 
-class Multislerp(MethodBase):
+class Multislerp(GramMethod):
     spec = SPEC
-
-    def alignment(self, params: Sequence[ModelParams]) -> int:
-        return BLOCK
-
-    def work_bytes(self, k: int, itemsize: int) -> int:
-        return gram_work_bytes(k, itemsize)
-
-    def resident_bytes(self, k: int, itemsize: int) -> int:
-        return merge_bytes(k, itemsize)
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
@@ -159,9 +148,6 @@ class Multislerp(MethodBase):
         c = coefficients(state.weights, state.gram.matrix(), state.normalize, state.eps)
         state.coef = tuple(float(x) for x in c)
         state.gram = None
-
-    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
-        return True  # the statistics pass is redone on resume; merging is elementwise
 
     def merge(
         self, state: MultislerpState, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]

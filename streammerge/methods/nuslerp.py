@@ -349,8 +349,9 @@ SPEC = MethodSpec(
 )
 
 
-class Nuslerp(MethodBase):
-    spec = SPEC
+class GramMethod(MethodBase):
+    """What the Gram-statistics methods share: chunks aligned to the statistics blocks, their
+    memory per element, and an elementwise merge pass after the statistics."""
 
     def alignment(self, params: Sequence[ModelParams]) -> int:
         return BLOCK
@@ -360,6 +361,13 @@ class Nuslerp(MethodBase):
 
     def resident_bytes(self, k: int, itemsize: int) -> int:
         return merge_bytes(k, itemsize)
+
+    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
+        return True  # the statistics pass is redone on resume; merging is elementwise
+
+
+class Nuslerp(GramMethod):
+    spec = SPEC
 
     def stats_passes(
         self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
@@ -399,9 +407,6 @@ class Nuslerp(MethodBase):
                 torch.from_numpy(s1).to(state.dtype),
             )
         state.stats = None
-
-    def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
-        return True  # the statistics pass is redone on resume; merging is elementwise
 
     def merge(
         self, state: NuslerpState, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]

@@ -387,10 +387,21 @@ def rss() -> tuple[int, int]:
 def peak_rss() -> int:
     """Peak RSS of this process so far in bytes (the kernel's high-water mark).
 
-    ``ru_maxrss`` is KiB on Linux but bytes on macOS; Windows has no ``resource`` module and
-    reports the peak working set instead. Dispatched on the host, whatever is forced: units
-    are the kernel's, not a choice.
+    Linux reads ``VmHWM``, the address space's own high-water mark: ``ru_maxrss`` would not
+    do there, since a child started by vfork (as ``subprocess`` does) inherits its parent's
+    maximum, so a small merge launched from a large process would report the parent's peak.
+    ``ru_maxrss`` is bytes on macOS; Windows has no ``resource`` module and reports the peak
+    working set instead. Dispatched on the host, whatever is forced: units are the kernel's,
+    not a choice.
     """
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass  # no /proc: fall back to getrusage
     try:
         import resource
     except ImportError:  # Windows

@@ -9,12 +9,10 @@ chunked, page-releasing engine passes. (The budget counts everything in RSS, inc
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from childproc import run_measured
 
 from streammerge.synth import LlamaShape, generate_family
 
@@ -25,20 +23,6 @@ SHAPE = LlamaShape(hidden=1024, intermediate=2816, layers=2, heads=8, kv_heads=4
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     return generate_family(tmp_path_factory.mktemp("mem"), SHAPE, n_finetunes=2, seed=3)
-
-
-def peak_rss_mib_of_run(args: list[str]) -> tuple[int, float, str]:
-    """Run the CLI in a child process; return (exit code, its peak RSS in MiB, stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streammerge", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read() if proc.stderr else ""
-    return proc.returncode, usage.ru_maxrss / 1024, err  # Linux: ru_maxrss in KiB
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "cabs"])
@@ -54,7 +38,7 @@ def test_peak_rss_below_budget(tmp_path, family, method):
     inputs = sum(p.stat().st_size for d in (base, *fts) for p in d.glob("*.safetensors"))
     assert inputs > BUDGET_MIB * 2**20
     assert SHAPE.vocab * SHAPE.hidden * 16 > BUDGET_MIB * 2**20
-    rc, peak, err = peak_rss_mib_of_run(
+    rc, _, err, peak = run_measured(
         [
             "run",
             str(recipe),

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from childproc import run_measured
 from click.testing import CliRunner
 from conftest import SHAPES
 from test_cli import assert_user_error, fast, fast_budget, write_recipe
@@ -37,31 +36,6 @@ def big_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pat
     return generate_family(tmp_path_factory.mktemp("plan"), SHAPE, n_finetunes=2, seed=3)
 
 
-# The child reports VmHWM, its address space's high-water mark, at exit. (ru_maxrss from wait4
-# would not do: a vforked child inherits the parent's maxrss, and pytest's is large.)
-CHILD = """
-import atexit, sys
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            sys.stderr.write("VmHWM_KiB " + line.split()[1] + "\\n")
-atexit.register(hwm)
-from streammerge import run_merge
-from streammerge.cli import main
-main(sys.argv[1:], prog_name="streammerge")
-"""
-
-
-def child(args: list[str]) -> tuple[int, str, str, float]:
-    """Run the CLI in a fresh process: (exit code, stdout, stderr, its peak RSS in MiB)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, timeout=600
-    )
-    hwm = [ln for ln in proc.stderr.splitlines() if ln.startswith("VmHWM_KiB ")]
-    assert len(hwm) == 1, proc.stderr
-    return proc.returncode, proc.stdout, proc.stderr, int(hwm[0].split()[1]) / 1024
-
-
 @pytest.mark.parametrize("method", ["task_arithmetic", "cabs"])
 def test_predicted_peak_rss_matches_a_real_merge(tmp_path, big_family, method):
     base, fts = big_family
@@ -69,7 +43,7 @@ def test_predicted_peak_rss_matches_a_real_merge(tmp_path, big_family, method):
     recipe = write_recipe(tmp_path / "r.yaml", base, fts, merge_method=method, **extra)
     out = tmp_path / "out"
     budget = BUDGETS[method]
-    rc, stdout, err, _ = child(
+    rc, stdout, err, _ = run_measured(
         ["plan", str(recipe), str(out), "--max-memory", budget, "--json", "--no-calibrate"]
     )
     assert rc == 0, err
@@ -77,7 +51,9 @@ def test_predicted_peak_rss_matches_a_real_merge(tmp_path, big_family, method):
     plan = json.loads(stdout)
     assert plan["chunk_elems"] < SHAPE.vocab * SHAPE.hidden  # budget-bound chunks
     predicted = plan["predicted_peak_rss"] / 2**20
-    rc, _, err, measured = child(["run", str(recipe), str(out), "--max-memory", budget, "--quiet"])
+    rc, _, err, measured = run_measured(
+        ["run", str(recipe), str(out), "--max-memory", budget, "--quiet"]
+    )
     assert rc == 0, err
     print(f"{method}: predicted {predicted:.0f} MiB, measured {measured:.0f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)

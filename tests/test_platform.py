@@ -366,3 +366,13 @@ def test_rss_figures_are_bytes_from_the_host_kernel():
     now, anon = plat_mod.rss()
     peak = plat_mod.peak_rss()
     assert 0 < anon <= now <= peak < 100 * now
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """A child started by ``subprocess`` (vfork on Linux) must not report its parent's peak."""
+    ballast = bytearray(700 * 2**20)  # touched: 700 MiB resident in this process
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = "from streammerge.platform import peak_rss; print(peak_rss())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    del ballast
+    assert int(out.stdout) < 400 * 2**20, f"child peak {int(out.stdout) / 2**20:.0f} MiB"

@@ -16,7 +16,6 @@ import math
 import signal
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -26,8 +25,10 @@ import torch
 from tqdm import tqdm
 
 from .card import model_card
+from .checksum import crc32c
 from .device import CudaStager, default_max_vram, resolve_device
 from .errors import InputError, Interrupted, StreamMergeError
+from .input_check import InputCheck
 from .journal import fsync_dir
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore, merge_attrs
 from .memory import RssSampler, default_max_memory, peak_rss
@@ -167,6 +168,8 @@ def run_merge(
                     repaired = verify_resume(plan, claim.done, out.path, store)
                 scheduler = Scheduler(plan, method, base, models, claim, store,
                                       opts.allow_nonfinite, dev, on_tensor)  # fmt: skip
+                if not claim.fresh:  # before any work: are the inputs what was merged?
+                    scheduler.input_check.sample()
                 with RssSampler() as sampler, StopOnSignals() as stop:
                     scheduler.execute(opts.progress, stop)
                 summary = RunSummary(
@@ -239,6 +242,7 @@ class Scheduler:
         self._reads = Lane("streammerge-read")
         self._writes = Lane("streammerge-write")
         self._buf = bytearray(PRELOAD_BUFFER)
+        self.input_check = InputCheck(plan, self.done, [base, *models])
         self.stager = None
         if device.type == "cuda":
             chunk = max((t.chunk_elems for t in plan.tensors if t.merged), default=1)
@@ -411,6 +415,7 @@ class Scheduler:
         ranges = [chunks[ci] for ci in todo]
         walk = read_chunks(sources, task.name, ranges, lambda i: self._read_ahead(ti, todo[i]))
         for i, (s, e, views) in enumerate(walk):
+            self.input_check.chunk(ti, todo[i], views)
             yield todo[i], s, views
             self.advance(item_bytes * (e - s))
 
@@ -441,6 +446,7 @@ class Scheduler:
                 for k, n in enumerate(self.done.kept[(ti, ci)]):
                     kept[k] += n
         for ci, s, views in self._walk(ti, task, skip):
+            read = [crc32c(v) for v in views]  # journaled: a resume checks its inputs by them
             if self.stager is not None:
                 views = self.stager.to_device(views)
             result = method.merge(state, s, views[0], views[1:])
@@ -449,7 +455,9 @@ class Scheduler:
             if self.stager is not None:
                 out, masks, total, ready = self.stager.to_host(out, masks, total)
             del views, result
-            self._writes.submit(self._write_chunk, ti, ci, task, s, out, masks, total, ready, kept)
+            self._writes.submit(
+                self._write_chunk, ti, ci, task, s, out, masks, total, ready, kept, read
+            )
             del out, masks
             if method.releases_heap:
                 trim_heap()
@@ -468,6 +476,7 @@ class Scheduler:
         total: torch.Tensor,
         ready: torch.cuda.Event | None,
         kept: list[int],
+        read: list[int],
     ) -> None:
         """Write lane: a merged chunk's bytes and masks; journal it once durable."""
         if ready is not None:
@@ -477,7 +486,7 @@ class Scheduler:
         assert self.writer is not None
         data = tensor_bytes(out)
         self.writer.write(task.name, start, data)
-        entry: dict[str, object] = {"chunk": [ti, ci], "crc": zlib.crc32(data)}
+        entry: dict[str, object] = {"chunk": [ti, ci], "crc": crc32c(data), "in": read}
         if masks:
             counts = []
             for k, mask in enumerate(masks):
@@ -536,5 +545,6 @@ class Scheduler:
         data = self.base.read_bytes(task.name, start, end)
         self.writer.write(task.name, start, data)
         self.base.release(task.name, start, end)
-        self._pending.append({"chunk": [ti, ci], "crc": zlib.crc32(data)})
+        crc = crc32c(data)  # a copy: what it read is what it wrote
+        self._pending.append({"chunk": [ti, ci], "crc": crc, "in": [crc]})
         self._flush()

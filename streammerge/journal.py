@@ -4,7 +4,9 @@
 The first line is the plan digest (streammerge version, recipe, input headers, output layout)
 and the chunk length; every later line records work that is already durable on disk:
 
-* ``{"chunk": [t, c]}``: chunk c of tensor t (plan order) is in its shard and mask store;
+* ``{"chunk": [t, c], "crc": ..., "in": [...]}``: chunk c of tensor t (plan order) is in its
+  shard and mask store; ``crc`` is the CRC-32C of the bytes it wrote, ``in`` that of the bytes
+  it read from each source (base first), so a resume can tell whether an input changed;
 * ``{"tensor": t}``: tensor t is complete, mask attributes included;
 * ``{"shard": s}``: shard s was fsynced and renamed to its final name.
 
@@ -49,7 +51,9 @@ class Progress:
     tensors: set[int] = field(default_factory=set)
     shards: set[int] = field(default_factory=set)
     crc: dict[tuple[int, int], int] = field(default_factory=dict)
-    """CRC-32 of the output bytes each journaled chunk wrote, by (tensor, chunk)."""
+    """CRC-32C of the output bytes each journaled chunk wrote, by (tensor, chunk)."""
+    inputs: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    """CRC-32C of the bytes each journaled chunk read, per source (base first)."""
     kept: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     """Kept elements per model of each journaled chunk's masks (sparsifying methods)."""
     shard_sha256: dict[int, str] = field(default_factory=dict)
@@ -63,6 +67,7 @@ class Progress:
         """Redo chunk c of tensor t (and so the tensor's completion)."""
         self.chunks.get(t, set()).discard(c)
         self.crc.pop((t, c), None)
+        self.inputs.pop((t, c), None)
         self.kept.pop((t, c), None)
         self.tensors.discard(t)
 
@@ -89,6 +94,8 @@ def _record(done: Progress, entry: dict[str, Any]) -> None:
         done.chunks.setdefault(t, set()).add(c)
         if "crc" in entry:
             done.crc[(t, c)] = _int(entry["crc"])
+        if "in" in entry:
+            done.inputs[(t, c)] = [_int(x) for x in entry["in"]]
         if "kept" in entry:
             done.kept[(t, c)] = [_int(x) for x in entry["kept"]]
     elif "tensor" in entry:

@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 import time
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .card import CARD_NAME
+from .checksum import crc32c
 from .errors import InputError, StreamMergeError
 from .journal import (
     INCOMPLETE,
@@ -415,7 +415,7 @@ def verify_resume(
                 s, e = task.chunks()[ci]
                 f.seek(info.begin + s * info.itemsize)
                 data = f.read((e - s) * info.itemsize)
-                if zlib.crc32(data) != done.crc.get((ti, ci)):
+                if crc32c(data) != done.crc.get((ti, ci)):
                     done.forget_chunk(ti, ci)
                     bad += 1
         if bad:

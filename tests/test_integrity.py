@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ from conftest import make_family
 import streammerge.engine as engine
 from streammerge import StreamMergeError, parse_recipe, run_merge
 from streammerge.cli import main
+from streammerge.journal import Journal
+from streammerge.model import ModelFolder
 from streammerge.verify import verify_output
 
 RUN = {"chunk_elems": 40, "max_memory": 2**30, "shard_size": 1500}
@@ -233,3 +238,59 @@ def test_block_alignment_beyond_the_budget_is_refused(tmp_path, monkeypatch) -> 
     with pytest.raises(StreamMergeError, match="m_val"):
         run_merge(r, tmp_path / "o", max_memory=2**30)
     assert not (tmp_path / "o" / "streammerge.json").exists()
+
+
+def rewrite_keeping_stamp(path: Path, lo: int, hi: int) -> None:
+    """Flip bytes [lo, hi) of a file's data, keeping its size, header and modification time:
+    what ``cp -p`` of a same-shaped model over it leaves, invisible to the plan digest."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    for i in range(lo, hi):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def data_start(path: Path) -> int:
+    with path.open("rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_input_replaced_with_its_stamp_kept_is_refused_on_resume(fam, tmp_path, monkeypatch):
+    _, fts, r = fam
+    out = tmp_path / "out"
+    interrupt(r, out, monkeypatch, after=30)
+    shard = next(fts[0].glob("*.safetensors"))
+    rewrite_keeping_stamp(shard, data_start(shard), shard.stat().st_size)  # every data byte
+    with pytest.raises(StreamMergeError, match=r"content checksum differs.*--restart") as e:
+        run_merge(r, out, **RUN)
+    assert str(shard) in str(e.value)
+    assert not (out / "streammerge.json").exists()
+    run_merge(r, out, restart=True, **RUN)  # the way out: a merge of the current inputs
+    assert (out / "streammerge.json").exists()
+
+
+def test_edited_input_of_a_tensor_read_again_is_refused(tmp_path, monkeypatch):
+    """A few edited bytes early in a file are caught when the resumed run reads them again:
+    TIES's statistics pass rereads the half-done tensor from its first chunk."""
+    base, fts = make_family(tmp_path / "m", k=2)
+    r = recipe(base, fts, "ties")
+    out = tmp_path / "out"
+    plans = []
+    init = engine.Scheduler.__init__
+
+    def keep_plan(self, plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        plans.append(plan)
+        init(self, plan, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Scheduler, "__init__", keep_plan)
+    interrupt(r, out, monkeypatch, after=14)
+    _, done = Journal(out).read()
+    half = [t for t in sorted(done.chunks) if t not in done.tensors and len(done.chunks[t]) > 1]
+    assert half, "the interruption should land inside a tensor, after its first chunk"
+    name = plans[0].tensors[half[0]].name
+    with closing(ModelFolder(fts[1])) as folder:
+        begin, shard = folder.info(name).begin, folder.file_of(name)
+    rewrite_keeping_stamp(shard, begin, begin + 8)  # the tensor's first elements only
+    with pytest.raises(StreamMergeError, match=f"{re.escape(name)}.*content checksum differs"):
+        run_merge(r, out, **RUN)

@@ -27,7 +27,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from .errors import StreamMergeError
-from .journal import fsync_file
+from .journal import fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from .plan import MergePlan
@@ -93,6 +93,7 @@ class ZarrMaskStore:
         except FileNotFoundError as e:
             raise StreamMergeError(f"{path}: no occupancy store here") from e
         self._arrays: dict[tuple[int, str], zarr.Array] = {}  # opening one costs ~1 ms
+        self._durable: set[tuple[int, str]] = set()  # arrays whose folders were synced
         if mode == "r+":  # resuming: drop temp files of writes a crash cut short
             for p in path.rglob("*.partial"):
                 p.unlink()
@@ -163,7 +164,17 @@ class ZarrMaskStore:
 
     def sync(self, model: int, tensor: str, start: int) -> None:
         chunk_bytes = self._array(model, tensor).chunks[0]
-        fsync_file(self.path / self._key(model, tensor) / "c" / str(start // 8 // chunk_bytes))
+        array_dir = self.path / self._key(model, tensor)
+        fsync_file(array_dir / "c" / str(start // 8 // chunk_bytes))
+        # zarr writes a chunk to a temporary name and renames it: the rename, and on an
+        # array's first sync the folders above it, must be durable too
+        chunk_dir = array_dir / "c"
+        if chunk_dir.is_dir():
+            fsync_dir(chunk_dir)
+        if (model, tensor) not in self._durable:
+            for d in (array_dir, *array_dir.relative_to(self.path).parents):
+                fsync_dir(self.path / d)
+            self._durable.add((model, tensor))
 
 
 class MemoryMaskStore:

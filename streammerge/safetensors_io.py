@@ -396,6 +396,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         plat.full_sync(f.fileno())
     plat.replace(tmp, path)
+    plat.sync_dir(path.parent)  # the rename is durable before anything that follows it
 
 
 class ShardWriter:
@@ -423,6 +424,8 @@ class ShardWriter:
         self._fd = os.open(self.partial_path, flags, 0o644)
         self.platform.pwrite(self._fd, plan.header, 0)
         os.ftruncate(self._fd, plan.size)  # sparse until filled
+        # the new name must survive a power loss before the journal lists chunks inside it
+        self.platform.sync_dir(out_dir)
 
     def sync(self) -> None:
         """Make the bytes written so far durable (before the journal says they are)."""

@@ -294,3 +294,38 @@ def test_edited_input_of_a_tensor_read_again_is_refused(tmp_path, monkeypatch):
     rewrite_keeping_stamp(shard, begin, begin + 8)  # the tensor's first elements only
     with pytest.raises(StreamMergeError, match=f"{re.escape(name)}.*content checksum differs"):
         run_merge(r, out, **RUN)
+
+
+def test_renames_and_new_files_are_durable_before_what_depends_on_them(fam, tmp_path, monkeypatch):
+    """Directory entries are synced where a power loss could lose a name the journal (or the
+    marker's reader) relies on: a new ``.partial``, a zarr mask chunk renamed into place, and
+    the completion marker before ``INCOMPLETE`` goes."""
+    from streammerge.platform import Platform
+
+    events: list[tuple[str, str]] = []
+    sync_dir, unlink, append = Platform.sync_dir, Path.unlink, Journal.append
+
+    def log_sync_dir(self, path):  # type: ignore[no-untyped-def]
+        events.append(("dir", str(path)))
+        sync_dir(self, path)
+
+    def log_unlink(self, *a, **k):  # type: ignore[no-untyped-def]
+        events.append(("unlink", self.name))
+        unlink(self, *a, **k)
+
+    def log_append(self, entry):  # type: ignore[no-untyped-def]
+        events.append(("journal", json.dumps(entry)))
+        append(self, entry)
+
+    monkeypatch.setattr(Platform, "sync_dir", log_sync_dir)
+    monkeypatch.setattr(Path, "unlink", log_unlink)
+    monkeypatch.setattr(Journal, "append", log_append)
+    out = tmp_path / "out"
+    run_merge(fam[2], out, **RUN)
+    first_chunk = next(i for i, e in enumerate(events) if e[0] == "journal" and "chunk" in e[1])
+    assert ("dir", str(out)) in events[:first_chunk], "the first .partial's name was not synced"
+    first_mask = next(i for i, e in enumerate(events) if e[0] == "journal" and "kept" in e[1])
+    chunk_dirs = [i for i, e in enumerate(events) if e[0] == "dir" and e[1].endswith("/c")]
+    assert chunk_dirs and chunk_dirs[0] < first_mask, "mask chunk renames were not synced"
+    gone = events.index(("unlink", "INCOMPLETE"))
+    assert ("dir", str(out)) == events[gone - 1], "the marker's rename was not synced first"

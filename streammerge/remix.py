@@ -26,6 +26,7 @@ from .options import MergeOptions
 from .output import COMPLETE_MARKER
 from .recipe import Recipe, parse_recipe
 from .results import RunSummary
+from .verify import verify_output
 
 
 def _method_spec(out_dir: Path, attrs: Mapping[str, Any]) -> MethodSpec:
@@ -35,8 +36,9 @@ def _method_spec(out_dir: Path, attrs: Mapping[str, Any]) -> MethodSpec:
     return METHODS[method].spec
 
 
-def _finished_store(out_dir: Path) -> ZarrMaskStore:
-    """The occupancy store of a finished merge, or a clear error."""
+def _finished_store(out_dir: Path, shards: bool) -> ZarrMaskStore:
+    """The occupancy store of a finished merge, verified against its marker's digests (and
+    the shards too when they are read as a model: ``add``), or a clear error."""
     if not out_dir.is_dir():
         raise StreamMergeError(f"{out_dir}: no such merge output folder")
     if not (out_dir / COMPLETE_MARKER).is_file():
@@ -46,6 +48,12 @@ def _finished_store(out_dir: Path) -> ZarrMaskStore:
     if not (out_dir / STORE_NAME).is_dir():
         raise StreamMergeError(
             f"{out_dir}: no occupancy store ({STORE_NAME}); only sparsifying merges keep masks"
+        )
+    report = verify_output(out_dir, shards=shards)
+    if not report.ok:  # a damaged store would silently give other masks
+        raise StreamMergeError(
+            f"{out_dir}: not what its merge wrote ({'; '.join(report.problems)}); "
+            "rerun that merge to rebuild it"
         )
     store = ZarrMaskStore(out_dir / STORE_NAME)
     attrs = store.attrs()
@@ -111,7 +119,7 @@ def remix_merge(
         options, overrides: as for :func:`streammerge.run_merge` (on the CPU).
     """
     out_dir, new_out = Path(out_dir), Path(new_out)
-    store = _finished_store(out_dir)
+    store = _finished_store(out_dir, shards=False)
     attrs = store.attrs()
     spec = _method_spec(out_dir, attrs)
     if spec.remix is not None:
@@ -153,7 +161,7 @@ def add_model(
         options, overrides: as for :func:`streammerge.run_merge` (on the CPU).
     """
     out_dir, new_out, model = Path(out_dir), Path(new_out), Path(model)
-    store = _finished_store(out_dir)
+    store = _finished_store(out_dir, shards=True)
     attrs = store.attrs()
     spec = _method_spec(out_dir, attrs)
     why = spec.extend(_global_params(attrs))

@@ -35,10 +35,12 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_output(out_dir: Path | str, *, inputs: bool = False) -> VerifyReport:
-    """Re-hash a finished merge's shards and store against its marker (and, with ``inputs``,
-    its inputs against their recorded fingerprints). Raises StreamMergeError when the folder
-    is not a finished streammerge output at all."""
+def verify_output(
+    out_dir: Path | str, *, inputs: bool = False, shards: bool = True
+) -> VerifyReport:
+    """Re-hash a finished merge's shards (unless not ``shards``) and store against its marker
+    (and, with ``inputs``, its inputs against their recorded fingerprints). Raises
+    StreamMergeError when the folder is not a finished streammerge output at all."""
     out_dir = Path(out_dir)
     try:
         record = json.loads((out_dir / COMPLETE_MARKER).read_text())
@@ -54,15 +56,15 @@ def verify_output(out_dir: Path | str, *, inputs: bool = False) -> VerifyReport:
     problems: list[str] = []
     if (out_dir / INCOMPLETE).exists():
         problems.append(f"{out_dir / INCOMPLETE}: present next to the completion marker")
-    shards: dict[str, str] = record["shards"]
+    digests: dict[str, str] = record["shards"] if shards else {}
     try:
         weight_map = json.loads((out_dir / INDEX_NAME).read_text())["weight_map"]
         named = set(weight_map.values())
-        if not named <= set(shards):
+        if not named <= set(record["shards"]):
             problems.append(f"{INDEX_NAME}: names shards the merge did not write")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         problems.append(f"{out_dir / INDEX_NAME}: unreadable ({e})")
-    for name, want in sorted(shards.items()):
+    for name, want in sorted(digests.items()):
         p = out_dir / name
         if p.is_symlink() or not p.is_file():
             problems.append(f"{p}: missing or not a regular file")
@@ -86,4 +88,4 @@ def verify_output(out_dir: Path | str, *, inputs: bool = False) -> VerifyReport:
                     problems.append(f"input {path}: changed since the merge (size, time or header)")
             finally:
                 folder.close()
-    return VerifyReport(out_dir, len(shards), store is not None, checked, tuple(problems))
+    return VerifyReport(out_dir, len(digests), store is not None, checked, tuple(problems))

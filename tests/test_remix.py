@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,39 @@ def test_remix_fill_and_tadrop(tmp_path, params):
     assert r.exit_code == 0, r.output
     assert_same_files(want, out)
     assert_same_masks(want, out, 3)
+
+
+def test_remix_and_add_refuse_a_source_that_is_not_what_its_merge_wrote(tmp_path):
+    """A deleted mask chunk would read back as zeros, a shrunk array would merge other masks,
+    another merge's store copied in would be used silently: remix and add verify the store
+    against the marker first (add verifies the shards too: it reads them as a model)."""
+    base, fts = make_family(tmp_path / "models", k=3)
+    ok = full_run(write_recipe(tmp_path / "r.yaml", base, fts[:2], [1.0, 0.5]), tmp_path / "ok")
+    sparser = write_recipe(
+        tmp_path / "o.yaml", base, fts[:2], [1.0, 0.9], parameters={"n_val": 1, "m_val": 4}
+    )
+    other = full_run(sparser, tmp_path / "other")
+    remix = ("remix", "--weight", "ft1=2")
+    add = ("add", "--model", fts[2], "--weight", 1)
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ok, damaged)
+    next(p for p in (damaged / "occupancy.zarr").rglob("c/*") if p.is_file()).unlink()
+    assert_refused(cli(remix[0], damaged, tmp_path / "x", *remix[1:]), "occupancy store differs")
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(ok, swapped)
+    shutil.rmtree(swapped / "occupancy.zarr")
+    shutil.copytree(other / "occupancy.zarr", swapped / "occupancy.zarr")
+    assert_refused(cli(remix[0], swapped, tmp_path / "x", *remix[1:]), "occupancy store differs")
+
+    edited = tmp_path / "edited"
+    shutil.copytree(ok, edited)
+    shard = next(edited.glob("model-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert_refused(cli(add[0], edited, tmp_path / "x", *add[1:]), shard.name, "differs")
+    assert not (tmp_path / "x").exists()
+    # remix reads only the store: an edited shard is no reason to refuse it
+    assert cli(remix[0], edited, tmp_path / "y", *remix[1:], "--no-progress").exit_code == 0

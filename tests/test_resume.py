@@ -238,3 +238,57 @@ def test_tadrop_merge_resumes(tmp_path, monkeypatch):
     summary = run_merge(recipe, tmp_path / "out", chunk_elems=512, max_memory=2**30)
     assert summary.resumed_chunks > 0
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
+
+
+SHARDED = ("--chunk-elems", CHUNK, "--shard-size", "1MB")
+"""Small shards: a kill halfway leaves finished shards, a ``.partial`` and mask chunks."""
+
+
+def _flip_first_data_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little")] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+FAULTS = {
+    "delete_partial": lambda out: [p.unlink() for p in out.glob("*.partial")],
+    "alter_partial": lambda out: [_flip_first_data_byte(p) for p in out.glob("*.partial")],
+    "alter_finished_shard": lambda out: [
+        _flip_first_data_byte(p) for p in out.glob("model-*.safetensors")
+    ],
+    "delete_mask_chunks": lambda out: [
+        p.unlink() for p in (out / "occupancy.zarr").rglob("c/*") if p.is_file()
+    ][:3],
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_ref(family: Path) -> dict[str, bytes]:
+    out = family / "ref-sharded"
+    subprocess.run(cli(write_recipe(family, "cabs"), out, *SHARDED), check=True)
+    return snapshot(out)
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_sigkill_then_damage_then_resume_gives_the_uninterrupted_bytes(
+    family, sharded_ref, fault, tmp_path
+):
+    """A real process is killed halfway, then what it left is damaged the way a user or a disk
+    would (a deleted or edited partial, an edited finished shard, lost mask chunks): the rerun
+    repairs what does not check out and ends in the uninterrupted bytes."""
+    recipe = write_recipe(family, "cabs")
+    before = inputs_digest(family)
+    chunks = sum(-(-math.prod(shape) // int(CHUNK)) for _, _, shape in SHAPE.tensor_specs())
+    for attempt in range(4):  # until the kill leaves something of the kind to damage
+        out = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen(cli(recipe, out, *SHARDED), stderr=subprocess.PIPE)
+        kill_after_chunks(proc, out, chunks // 2 + 5 * attempt, 0.0)
+        if FAULTS[fault](out):
+            break
+    else:
+        pytest.fail(f"no kill left anything for {fault}")
+    done = subprocess.run(cli(recipe, out, *SHARDED), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert snapshot(out) == sharded_ref
+    assert inputs_digest(family) == before

@@ -350,8 +350,7 @@ class Scheduler:
             return
         if self.writer is not None:
             self.writer.sync()
-        for k, name, start in self._pending_masks:
-            self.store.sync(k, name, start)
+        self.store.sync(self._pending_masks)
         for entry in self._pending:
             self.journal.append(entry)
         self._pending.clear()

@@ -17,7 +17,7 @@ Layout of ``OUT_DIR/occupancy.zarr`` (zarr v3):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -60,8 +60,9 @@ class MaskStore(Protocol):
         """The whole mask as a bool tensor of the tensor's shape."""
         ...
 
-    def sync(self, model: int, tensor: str, start: int) -> None:
-        """Make the chunk written at element ``start`` durable."""
+    def sync(self, chunks: Iterable[tuple[int, str, int]]) -> None:
+        """Make the chunks written at ``(model, tensor, start element)`` durable (a batch:
+        folders shared by several chunks are synced once)."""
         ...
 
     def read_range(self, model: int, tensor: str, start: int, end: int) -> torch.Tensor:
@@ -162,19 +163,22 @@ class ZarrMaskStore:
     def kept(self, model: int, tensor: str) -> int | None:
         return self._array(model, tensor).attrs.get("kept")  # type: ignore[return-value]
 
-    def sync(self, model: int, tensor: str, start: int) -> None:
-        chunk_bytes = self._array(model, tensor).chunks[0]
-        array_dir = self.path / self._key(model, tensor)
-        fsync_file(array_dir / "c" / str(start // 8 // chunk_bytes))
-        # zarr writes a chunk to a temporary name and renames it: the rename, and on an
-        # array's first sync the folders above it, must be durable too
-        chunk_dir = array_dir / "c"
-        if chunk_dir.is_dir():
-            fsync_dir(chunk_dir)
-        if (model, tensor) not in self._durable:
-            for d in (array_dir, *array_dir.relative_to(self.path).parents):
-                fsync_dir(self.path / d)
-            self._durable.add((model, tensor))
+    def sync(self, chunks: Iterable[tuple[int, str, int]]) -> None:
+        # zarr writes a chunk to a temporary name and renames it into place: the rename, and
+        # on an array's first sync the new folders above it, must be durable too
+        folders: set[Path] = set()
+        for model, tensor, start in chunks:
+            array_dir = self.path / self._key(model, tensor)
+            chunk = array_dir / "c" / str(start // 8 // self._array(model, tensor).chunks[0])
+            fsync_file(chunk)
+            if chunk.exists():  # an all-zero chunk is not stored at all
+                folders.add(chunk.parent)
+            if (model, tensor) not in self._durable:
+                folders.update(self.path / d for d in array_dir.relative_to(self.path).parents)
+                folders.add(array_dir)
+                self._durable.add((model, tensor))
+        for folder in sorted(folders, key=lambda p: -len(p.parts)):  # deepest first
+            fsync_dir(folder)
 
 
 class MemoryMaskStore:
@@ -208,7 +212,7 @@ class MemoryMaskStore:
         self.kept_counts[(model, tensor)] = kept
         self.info[(model, tensor)] = dict(info or {})
 
-    def sync(self, model: int, tensor: str, start: int) -> None:
+    def sync(self, chunks: Iterable[tuple[int, str, int]]) -> None:
         pass
 
     def read_range(self, model: int, tensor: str, start: int, end: int) -> torch.Tensor:

@@ -97,6 +97,9 @@ class LlamaShape:
     bos_token_id: int = 1
     eos_token_id: int = 2
     max_position_embeddings: int = 2048
+    experts: int = 0
+    """Mixture of experts when > 0: per layer a router and this many experts, each a gated MLP
+    of ``intermediate`` (Qwen3-MoE's tensor names and per-expert layout, as on the Hub)."""
 
     @property
     def head_dim(self) -> int:
@@ -116,9 +119,22 @@ class LlamaShape:
                 (p + "self_attn.k_proj.weight", dtype, (kv, h)),
                 (p + "self_attn.v_proj.weight", dtype, (kv, h)),
                 (p + "self_attn.o_proj.weight", dtype, (h, q)),
-                (p + "mlp.gate_proj.weight", dtype, (i, h)),
-                (p + "mlp.up_proj.weight", dtype, (i, h)),
-                (p + "mlp.down_proj.weight", dtype, (h, i)),
+            ]
+            mlps = [p + "mlp."]
+            if self.experts:
+                specs += [
+                    (p + "self_attn.q_norm.weight", dtype, (self.head_dim,)),
+                    (p + "self_attn.k_norm.weight", dtype, (self.head_dim,)),
+                    (p + "mlp.gate.weight", dtype, (self.experts, h)),
+                ]
+                mlps = [f"{p}mlp.experts.{e}." for e in range(self.experts)]
+            for m in mlps:
+                specs += [
+                    (m + "gate_proj.weight", dtype, (i, h)),
+                    (m + "up_proj.weight", dtype, (i, h)),
+                    (m + "down_proj.weight", dtype, (h, i)),
+                ]
+            specs += [
                 (p + "input_layernorm.weight", dtype, (h,)),
                 (p + "post_attention_layernorm.weight", dtype, (h,)),
             ]
@@ -149,6 +165,11 @@ PRESETS: dict[str, LlamaShape] = {
     "3b": LlamaShape(
         hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=128256,
         tie_embeddings=True, rope_theta=500_000.0, bos_token_id=128000, eos_token_id=128001,
+    ),
+    # Qwen3-MoE-like: 16 layers x 64 experts, 3,219 tensors, most of 16 Ki elements (what
+    # per-tensor overhead is measured on)
+    "moe": LlamaShape(
+        hidden=256, intermediate=64, layers=16, heads=4, kv_heads=2, vocab=8000, experts=64,
     ),
     # Llama-3-8B
     "8b": LlamaShape(
@@ -288,6 +309,22 @@ def synth_tensor(
 
 
 def _config(cfg: LlamaShape, dtype: str) -> dict[str, object]:
+    if cfg.experts:
+        return {
+            **_llama_config(cfg, dtype),
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "moe_intermediate_size": cfg.intermediate,
+            "num_experts": cfg.experts,
+            "num_experts_per_tok": min(8, cfg.experts),
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+    return _llama_config(cfg, dtype)
+
+
+def _llama_config(cfg: LlamaShape, dtype: str) -> dict[str, object]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -102,3 +102,28 @@ def test_lanes_all_equal_and_extreme_keys():
             assert np.array_equal(acc.view(np.int32), ref.out.view(torch.int32).numpy())
             for got, want in zip(masks, ref.masks, strict=True):
                 assert np.array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_threaded_and_single_thread_variants_write_the_same_bytes(dtype, monkeypatch):
+    """Small inputs run a kernel's single-thread twin (``PARALLEL_MIN``): each kernel must give
+    the bytes of its threaded variant, which splits the range into parts."""
+    base, fts = family("ties", 3, SIZE, dtype, seed=11)
+    b, f = kernels.kernel_input(base), tuple(kernels.kernel_input(x) for x in fts)
+    z = np.zeros(3, np.int64)
+    thr = np.full(3, int(np.float32(2.0**-8).view(np.uint32)), np.int64)  # a threshold with ties
+
+    def run_all():
+        acc, masks = compiled(base, fts, [ModelParams(1.0, n=3, m=8)] * 3,
+                              MethodOptions(), group=64)  # fmt: skip
+        hist = kernels.magnitude_hist(b, f[0], 16, None)
+        gta = kernels.gta_merge(b, f, thr, z + 40, z, True, np.ones(3, np.float32), None, True,
+                                True, None, 1.0)  # fmt: skip
+        return [acc, *masks, hist, *gta]
+
+    monkeypatch.setattr(kernels, "PARALLEL_MIN", 0)
+    threaded = run_all()
+    monkeypatch.setattr(kernels, "PARALLEL_MIN", 1 << 62)
+    single = run_all()
+    for a, s in zip(threaded, single, strict=True):
+        assert a.tobytes() == s.tobytes()

@@ -36,9 +36,11 @@ numba is optional: without it (or with ``STREAMMERGE_KERNEL=torch``) the torch p
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,6 +65,25 @@ def kernel_input(x: torch.Tensor) -> np.ndarray:
     if x.dtype == torch.bfloat16:
         return x.contiguous().view(torch.uint16).numpy()
     return x.to(torch.float32).contiguous().numpy()
+
+
+PARALLEL_MIN = 1 << 18
+"""Elements below which a kernel runs on the calling thread alone: waking the thread pool
+costs more than such work, and on a busy machine each wake-up waits for a scheduler slice
+(30-90 ms a call measured on this project's 2-core CI machine under load, against 1-2 ms on
+one thread for a 16 Ki-element MoE expert). Every kernel's result is independent of how its
+range is split, so both variants give the same bytes."""
+
+
+def _serial(kernel: Callable[..., object]) -> Callable[..., object]:
+    """``kernel`` compiled without threads (its ``prange`` loops run as ``range``), under a
+    name of its own so that numba's on-disk cache keeps the two variants apart."""
+    f = kernel.py_func  # type: ignore[attr-defined]
+    name, qualname = f.__name__ + "_serial", f.__qualname__ + "_serial"
+    code = f.__code__.replace(co_name=name, co_qualname=qualname)
+    g = types.FunctionType(code, f.__globals__, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = qualname
+    return numba.njit(cache=True, nogil=True)(g)  # type: ignore[no-any-return]
 
 
 if HAVE_NUMBA:
@@ -411,6 +432,8 @@ if HAVE_NUMBA:
             _blocks(base, ft, base_bf16, ft_bf16, claimed, mask, acc, first, n, m, weight,
                     strict, keep_tail, full, blocks)  # fmt: skip
 
+    _cabs_step_serial = _serial(_cabs_step)
+
     GROUP = 64
     """Blocks searched side by side by :func:`_lanes`."""
 
@@ -437,10 +460,12 @@ if HAVE_NUMBA:
         lane-parallel group (default :data:`GROUP`); 0 runs the per-block search
         (:func:`_blocks`) everywhere, for tests and ``bench/kernels.py``.
         """
-        parts = 4 * numba.get_num_threads()
+        threaded = acc.size >= PARALLEL_MIN
+        kernel = _cabs_step if threaded else _cabs_step_serial
+        parts = 4 * numba.get_num_threads() if threaded else 1
         g = GROUP if group is None else group
-        _cabs_step(base, ft, base.dtype == np.uint16, ft.dtype == np.uint16, claimed, mask, acc,
-                   first, n, m, weight, strict, keep_tail, parts, g)  # fmt: skip
+        kernel(base, ft, base.dtype == np.uint16, ft.dtype == np.uint16, claimed, mask, acc,
+               first, n, m, weight, strict, keep_tail, parts, g)  # fmt: skip
 
     HIST_BLOCK = 4096
 
@@ -467,15 +492,19 @@ if HAVE_NUMBA:
                         continue
                     h[(key >> np.uint32(shift)) & np.uint32(0xFFFF)] += 1
 
+    _magnitude_hist_serial = _serial(_magnitude_hist)
+
     def magnitude_hist(
         base: np.ndarray, ft: np.ndarray, shift: int, prefix: int | None
     ) -> np.ndarray:
         """Histogram (65536 bins, int64) of the 16-bit digit at ``shift`` of the magnitude keys
         of ``tau = ft - base`` (float32), counting only keys whose higher bits equal
         ``prefix`` (None: all keys). Inputs as for :func:`cabs_step`."""
-        out = np.zeros((numba.get_num_threads(), 1 << 16), dtype=np.int64)
-        _magnitude_hist(base, ft, base.dtype == np.uint16, ft.dtype == np.uint16, shift,
-                        np.uint32(prefix or 0), prefix is not None, out)  # fmt: skip
+        threaded = ft.size >= PARALLEL_MIN
+        kernel = _magnitude_hist if threaded else _magnitude_hist_serial
+        out = np.zeros((numba.get_num_threads() if threaded else 1, 1 << 16), dtype=np.int64)
+        kernel(base, ft, base.dtype == np.uint16, ft.dtype == np.uint16, shift,
+               np.uint32(prefix or 0), prefix is not None, out)  # fmt: skip
         return out.sum(axis=0)
 
     @numba.njit(cache=True, nogil=True)
@@ -574,6 +603,8 @@ if HAVE_NUMBA:
                       consensus, normalize, norm_div, lambda_, out, masks, p * step,
                       min(size, (p + 1) * step))  # fmt: skip
 
+    _gta_merge_serial = _serial(_gta_merge)
+
     def gta_merge(
         base: np.ndarray,
         fts: tuple[np.ndarray, ...],
@@ -602,10 +633,12 @@ if HAVE_NUMBA:
         masks = np.empty((k, n) if sparsify else (k, 0), dtype=np.bool_)
         f32 = np.float32
         ties = np.zeros(k, dtype=np.int64)
-        _gta_merge(base, fts, base.dtype == np.uint16, thr, need, taken, sparsify,
-                   weights.astype(f32), (factors if factors is not None else weights).astype(f32),
-                   factors is not None, consensus, normalize, f32(norm_div or 1.0), f32(lambda_),
-                   out, masks, ties, 4 * numba.get_num_threads())  # fmt: skip
+        threaded = n >= PARALLEL_MIN
+        kernel = _gta_merge if threaded else _gta_merge_serial
+        kernel(base, fts, base.dtype == np.uint16, thr, need, taken, sparsify,
+               weights.astype(f32), (factors if factors is not None else weights).astype(f32),
+               factors is not None, consensus, normalize, f32(norm_div or 1.0), f32(lambda_),
+               out, masks, ties, 4 * numba.get_num_threads() if threaded else 1)  # fmt: skip
         return out, masks, ties
 
 
@@ -619,11 +652,15 @@ def warm_up(kernel: str, k: int, raw_dtypes: Sequence[str]) -> None:
     models will call on inputs of ``raw_dtypes`` (``"uint16"`` for bf16, ``"float32"``)."""
     if not HAVE_NUMBA:
         return
-    for name in raw_dtypes:
-        x = np.zeros(64, dtype=np.dtype(name))
+    for name, size in itertools.product(raw_dtypes, (64, PARALLEL_MIN)):  # both variants
+        x = np.zeros(size, dtype=np.dtype(name))
         if kernel == "cabs":
-            cabs_step(x, x, np.zeros(64, np.bool_), np.empty(64, np.bool_),
-                      np.empty(64, np.float32), True, 1, 4, np.float32(1), True, True)  # fmt: skip
+            no, mask, acc = (
+                np.zeros(size, np.bool_),
+                np.empty(size, np.bool_),
+                np.empty(size, np.float32),
+            )
+            cabs_step(x, x, no, mask, acc, True, 1, 4, np.float32(1), True, True)
         elif kernel == "gta":
             magnitude_hist(x, x, 0, None)
             z = np.zeros(k, dtype=np.int64)

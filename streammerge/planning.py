@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import platform
+from . import platform, tokenizer
 from .device import default_max_vram, resolve_device
 from .errors import StreamMergeError
 from .memory import (
@@ -182,6 +182,9 @@ def describe_plan(
     with ExitStack() as opened:
         base = opened.enter_context(closing(ModelFolder(recipe.base)))
         models = [opened.enter_context(closing(ModelFolder(m.path))) for m in recipe.models]
+        base, models, tok_out = tokenizer.prepare(recipe, base, models)  # as run_merge does
+        if tok_out is not None:
+            warnings += tok_out.warnings
         budget = opts.max_memory or default_max_memory()
         plan = build_plan(recipe, base, models, budget, opts.shard_size, chunk_elems, max_vram)
         need = out.disk_needed(plan)

@@ -131,10 +131,11 @@ def run_merge(
                 old_store = ZarrMaskStore(replay.source / STORE_NAME)
                 old_attrs = old_store.attrs()
                 method = ReplayMethod(recipe.impl, old_store.read_range, replay.add)
-            if recipe.tokenizer is not None and replay is not None:
+            tok_out = None
+            if replay is None:  # token-indexed tensors remapped onto the output vocabulary
+                base, models, tok_out = tokenizer.prepare(recipe, base, models)
+            elif recipe.tokenizer is not None:
                 raise StreamMergeError("remix and add do not take tokenizer keys")
-            # token-indexed tensors remapped onto the output vocabulary as they stream
-            base, models, tok_out = tokenizer.prepare(recipe, base, models)
             if tok_out is not None:
                 recipe = replace(recipe, warnings=recipe.warnings + tok_out.warnings)
             plan = build_plan(recipe, base, models, opts.max_memory or default_max_memory(),

@@ -326,15 +326,15 @@ def gather_rows(
 
 
 def token_mean(
-    vmap: VocabMap, k: int, read: RowReader, dtype: torch.dtype, width: int
+    vmap: VocabMap, rows: Callable[[int, int], torch.Tensor], dtype: torch.dtype, width: int
 ) -> torch.Tensor:
-    """The mean of input k's remapped token rows (what padding rows get), summed in float64 over
-    fixed blocks of rows so the result does not depend on how the caller chunks."""
+    """The mean of a model's remapped token rows (what its padding rows get), from ``rows(a,
+    b)`` (its remapped rows ``[a, b)``, ``b <= vmap.tokens``), summed in float64 over fixed
+    blocks of rows so the result does not depend on how the caller chunks."""
     block = max(1, MEAN_BLOCK_ELEMS // max(1, width))
     acc = torch.zeros(width, dtype=torch.float64)
     for a in range(0, vmap.tokens, block):
-        b = min(vmap.tokens, a + block)
-        acc += gather_rows(vmap, k, a, b, read, dtype, width).to(torch.float64).sum(dim=0)
+        acc += rows(a, min(vmap.tokens, a + block)).to(torch.float64).sum(dim=0)
     return (acc / vmap.tokens).to(dtype)
 
 
@@ -346,8 +346,13 @@ def remap_full(vmap: VocabMap, k: int, tensors: Sequence[torch.Tensor]) -> torch
         return tensors[j].reshape(tensors[j].shape[0], -1)[a:b]
 
     dtype = tensors[k].dtype
-    rows = gather_rows(vmap, k, 0, vmap.rows, read, dtype, width,
-                       lambda: token_mean(vmap, k, read, dtype, width))  # fmt: skip
+
+    def mean() -> torch.Tensor:
+        return token_mean(
+            vmap, lambda a, b: gather_rows(vmap, k, a, b, read, dtype, width), dtype, width
+        )
+
+    rows = gather_rows(vmap, k, 0, vmap.rows, read, dtype, width, mean)
     return rows.reshape(vmap.rows, *tensors[k].shape[1:])
 
 
@@ -636,27 +641,31 @@ class RemappedFolder:
             n *= d
         return TensorInfo(name, info.dtype, shape, 0, n * info.itemsize)
 
-    def _reader(self, name: str) -> RowReader:
-        def read(j: int, a: int, b: int) -> torch.Tensor:
-            f = self._inputs[j]
-            width = f.info(name).numel // f.info(name).shape[0]
-            rows = f.read(name, a * width, b * width).reshape(b - a, width).clone()
-            f.release(name, a * width, b * width)
-            return rows
-
-        return read
-
-    def _rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+    def _gather(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Output rows ``[r0, r1)``: copied out of the mapped source rows, whose pages are
+        released once copied (the chunk's own source rows are mapped at most once)."""
         info = self._folder.info(name)
         dtype, width = FLOAT_DTYPES[info.dtype], info.numel // info.shape[0]
-        read = self._reader(name)
+        mapped: list[tuple[ModelFolder, int, int]] = []
+
+        def read(j: int, a: int, b: int) -> torch.Tensor:
+            f = self._inputs[j]
+            w = f.info(name).numel // f.info(name).shape[0]
+            mapped.append((f, a * w, b * w))
+            return f.read(name, a * w, b * w).reshape(b - a, w)
 
         def mean() -> torch.Tensor:
             if name not in self._means:
-                self._means[name] = token_mean(self._vmap, self._k, read, dtype, width)
+                self._means[name] = token_mean(
+                    self._vmap, lambda a, b: self._gather(name, a, b), dtype, width
+                )
             return self._means[name]
 
-        return gather_rows(self._vmap, self._k, r0, r1, read, dtype, width, mean)
+        try:
+            return gather_rows(self._vmap, self._k, r0, r1, read, dtype, width, mean)
+        finally:
+            for f, a, b in mapped:
+                f.release(name, a, b)
 
     def read(self, name: str, start: int, end: int) -> torch.Tensor:
         if name not in self._vmap.names:
@@ -664,7 +673,7 @@ class RemappedFolder:
         shape = self.info(name).shape
         width = self.info(name).numel // shape[0]
         r0, r1 = start // width, -(-end // width)
-        rows = self._rows(name, r0, r1).reshape(-1)
+        rows = self._gather(name, r0, r1).reshape(-1)
         return rows[start - r0 * width : end - r0 * width]
 
     def read_bytes(self, name: str, start: int, end: int) -> bytes:

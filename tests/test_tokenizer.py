@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from streammerge import parse_recipe, run_merge
-from streammerge.errors import InputError, RecipeError
+from streammerge.errors import InputError, RecipeError, StreamMergeError
 from streammerge.reference import reference_merge
 
 transformers = pytest.importorskip("transformers")
@@ -28,9 +28,9 @@ ADDED = ["<tool>", "<think>"]
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def make_tokenizer(extra: list[str] = ()) -> transformers.PreTrainedTokenizerFast:
+def make_tokenizer(extra: list[str] = (), words=WORDS) -> transformers.PreTrainedTokenizerFast:
     """A 256-token WordLevel tokenizer (3 specials + 253 words), plus ``extra`` added tokens."""
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+    vocab = {t: i for i, t in enumerate(SPECIAL + words)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(
@@ -225,28 +225,71 @@ def test_vocab_mismatch_without_tokenizer_keeps_common_rows(family, tmp_path):
     for name in VOCAB_TENSORS:
         torch.testing.assert_close(got[name], b[name] + 0.5 * (f[name][:256] - b[name]))
     # the base's tokenizer files are the output's
-    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        base / "tokenizer.json"
+    ).read_bytes()
 
 
 def test_vocab_mismatch_larger_base_is_refused(family, tmp_path):
     base, ft, _ = family
     r = recipe(ft, [base], weights=[0.5])
-    with pytest.raises(InputError, match=r"tensor '.*' has 256 rows, base .* has 258.*tokenizer_source"):
+    with pytest.raises(
+        InputError, match=r"tensor '.*' has 256 rows, base .* has 258.*tokenizer_source"
+    ):
         run_merge(r, tmp_path / "out", max_memory=2**30)
     assert not (tmp_path / "out").exists()
 
 
-def test_resume_digest_records_the_mapping(family, tmp_path):
-    from streammerge.tokenizer import plan_vocab
-    from streammerge.model import ModelFolder
+class Stop(Exception):
+    pass
 
+
+def stop_after(n: int):
+    seen = []
+
+    def hook(report):
+        seen.append(report.name)
+        if len(seen) == n:
+            raise Stop(report.name)
+
+    return hook
+
+
+def shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("model-*.safetensors"))}
+
+
+def test_interrupted_remap_resumes_byte_identical(family, tmp_path):
     base, ft, _ = family
-    r = recipe(base, [ft], tokenizer_source="union")
-    a = plan_vocab(r, ModelFolder(base), [ModelFolder(ft)])
-    b = plan_vocab(r, ModelFolder(base), [ModelFolder(ft)])
-    assert a.digest() == b.digest()
-    r2 = recipe(base, [ft], tokenizer_source="base")
-    assert plan_vocab(r2, ModelFolder(base), [ModelFolder(ft)]).digest() != a.digest()
+    r = recipe(base, [ft], weights=[0.5], tokenizer={"source": "union", "pad_to_multiple_of": 8})
+    run_merge(r, tmp_path / "whole", max_memory=2**30, chunk_elems=64, shard_size=4000)
+    with pytest.raises(Stop):  # stopped after two tensors
+        run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64, shard_size=4000,
+                  on_tensor=stop_after(2))  # fmt: skip
+    assert not (tmp_path / "out" / "streammerge.json").exists()
+    skipped = []
+    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64, shard_size=4000,
+              on_tensor=lambda t: skipped.append(t.skipped))  # fmt: skip
+    assert any(skipped)  # it resumed rather than starting over
+    assert shards(tmp_path / "out") == shards(tmp_path / "whole")
+    assert len(shards(tmp_path / "out")) > 1
+
+
+def test_changed_tokenizer_refuses_resume(family, tmp_path):
+    base, ft, _ = family
+    ft3 = tmp_path / "ft3"
+    ft3.mkdir()
+    for p in ft.iterdir():
+        (ft3 / p.name).write_bytes(p.read_bytes())
+    r = recipe(base, [ft3], tokenizer_source="union")
+    with pytest.raises(Stop):
+        run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64,
+                  on_tensor=stop_after(2))  # fmt: skip
+    # the fine-tune's tokenizer swaps two words: the row mapping changes, while the weights
+    # (what the inputs' fingerprints cover) and the output layout do not
+    make_tokenizer(ADDED, ["w1", "w0", *WORDS[2:]]).save_pretrained(ft3)
+    with pytest.raises(StreamMergeError, match=r"\(the inputs' tokenizers \(the embedding row"):
+        run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64)
 
 
 def test_chat_template_builtin_with_built_tokenizer(family, tmp_path):
@@ -257,6 +300,19 @@ def test_chat_template_builtin_with_built_tokenizer(family, tmp_path):
     text = tok.apply_chat_template([{"role": "user", "content": "w1 w2"}], tokenize=False,
                                    add_generation_prompt=True)  # fmt: skip
     assert text == "<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_builtin_templates_render_as_mergekits(family, tmp_path):
+    base, _, ft2 = family
+    r = recipe(base, [ft2], chat_template="llama3")
+    run_merge(r, tmp_path / "out", max_memory=2**30)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    msgs = [{"role": "user", "content": " hi "}]
+    # mergekit 0.1.5's llama3 template, rendered: a newline after every <|eot_id|>
+    want = "<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n"
+    gen = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert tok.apply_chat_template(msgs, tokenize=False) == want
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == want + gen
 
 
 def test_chat_template_raw_without_tokenizer_source(family, tmp_path):
@@ -293,8 +349,10 @@ def test_chat_template_auto_picks_the_most_common(tmp_path):
         ({"chat_template": "chatmlx"}, "neither auto"),
         ({"tokenizer": {"source": "union", "pad_to_multiple_of": 0}}, "positive integer"),
         ({"tokenizer": {"tokens": {"x": {"source": {"kind": "mean"}}}}}, "zero or model_token"),
-        ({"tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "B"}}}}},
-         "token/token_id|exactly one"),
+        (
+            {"tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "B"}}}}},
+            "token/token_id|exactly one",
+        ),
         ({"tokenizer": {"sources": "union"}}, "unknown keys"),
     ],
 )

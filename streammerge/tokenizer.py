@@ -334,7 +334,7 @@ def token_mean(
     block = max(1, MEAN_BLOCK_ELEMS // max(1, width))
     acc = torch.zeros(width, dtype=torch.float64)
     for a in range(0, vmap.tokens, block):
-        acc += rows(a, min(vmap.tokens, a + block)).to(torch.float64).sum(dim=0)
+        acc += rows(a, min(vmap.tokens, a + block)).sum(dim=0, dtype=torch.float64)
     return (acc / vmap.tokens).to(dtype)
 
 
@@ -667,11 +667,25 @@ class RemappedFolder:
             for f, a, b in mapped:
                 f.release(name, a, b)
 
+    def _direct(self, name: str, start: int, end: int) -> tuple[int, int] | None:
+        """The source element range of output elements ``[start, end)`` when they are one run
+        of consecutive source rows (the usual case: read as a zero-copy view), else None."""
+        width = self._folder.info(name).numel // self._folder.info(name).shape[0]
+        r0, r1 = start // width, -(-end // width)
+        src = self._vmap.src[self._k][r0:r1]
+        first = int(src[0])
+        if first < 0 or not torch.equal(src, torch.arange(first, first + r1 - r0)):
+            return None
+        a = first * width + start - r0 * width
+        return a, a + end - start
+
     def read(self, name: str, start: int, end: int) -> torch.Tensor:
         if name not in self._vmap.names:
             return self._folder.read(name, start, end)
-        shape = self.info(name).shape
-        width = self.info(name).numel // shape[0]
+        direct = self._direct(name, start, end)
+        if direct is not None:
+            return self._folder.read(name, *direct)
+        width = self.info(name).numel // self.info(name).shape[0]
         r0, r1 = start // width, -(-end // width)
         rows = self._gather(name, r0, r1).reshape(-1)
         return rows[start - r0 * width : end - r0 * width]
@@ -679,11 +693,16 @@ class RemappedFolder:
     def read_bytes(self, name: str, start: int, end: int) -> bytes:
         if name not in self._vmap.names:
             return self._folder.read_bytes(name, start, end)
-        return tensor_bytes(self.read(name, start, end).contiguous())
+        data = tensor_bytes(self.read(name, start, end).contiguous())
+        self.release(name, start, end)
+        return data
 
     def release(self, name: str, start: int, end: int) -> None:
-        if name not in self._vmap.names:  # remapped reads released their pages already
+        if name not in self._vmap.names:
             self._folder.release(name, start, end)
+        elif (direct := self._direct(name, start, end)) is not None:
+            self._folder.release(name, *direct)
+        # (a gathered chunk released its source pages as it copied them)
 
     def preload(self, name: str, start: int, end: int, buf: bytearray) -> None:
         if name not in self._vmap.names:

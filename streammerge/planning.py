@@ -114,6 +114,9 @@ class PlanReport:
     stats: tuple[str, ...] = ()
     """What the method's statistics passes reduce (empty: chunk-local)."""
     warnings: tuple[str, ...] = ()
+    vocabulary: str | None = None
+    """The output vocabulary and remapped tensors, when the recipe builds a tokenizer, sets a
+    chat template or the inputs' vocabularies differ (None: the base's, unchanged)."""
 
     @property
     def merged(self) -> int:
@@ -224,6 +227,7 @@ def describe_plan(
             predicted_peak_vram=_predict_vram(plan) if dev.type == "cuda" else None,
             stats=recipe.impl.spec.stats,
             warnings=tuple(warnings),
+            vocabulary=tok_out.describe() if tok_out is not None else None,
         )
 
 

@@ -738,6 +738,19 @@ class TokenizerOutput:
     template: str | None
     warnings: tuple[str, ...] = field(default=())
 
+    def describe(self) -> str:
+        """One line for ``plan``: the output vocabulary, what is remapped, the chat template."""
+        parts = []
+        v = self.vmap
+        if v is not None:
+            what = "built tokenizer" if v.tokenizer is not None else "the base's tokenizer"
+            pad = f" ({v.rows - v.tokens} padding)" if v.rows > v.tokens else ""
+            parts.append(f"{what}, {v.tokens:,} tokens, {v.rows:,} rows{pad}; rows remapped in "
+                         f"{', '.join(sorted(v.names))}")  # fmt: skip
+        if self.template is not None:
+            parts.append(f"chat template set ({len(self.template)} characters)")
+        return "; ".join(parts) or "the base's tokenizer"
+
     def write(self, out_dir: Path) -> None:
         """Called after the base's files were copied into ``out_dir``, before the marker."""
         tok = self.vmap.tokenizer if self.vmap is not None else None

@@ -426,3 +426,18 @@ def test_remapped_big_embedding_stays_in_budget(tmp_path):
     assert cfg["vocab_size"] == 64128  # 64002 tokens padded to a multiple of 128
     assert BIG_VOCAB * BIG_HIDDEN * 16 > BIG_BUDGET_MIB * 2**20
     print(f"peak RSS {peak:.0f} MiB")
+
+
+def test_plan_shows_the_vocabulary(family, tmp_path):
+    from streammerge.planning import describe_plan
+
+    base, ft, _ = family
+    r = recipe(base, [ft], tokenizer={"source": "union", "pad_to_multiple_of": 64})
+    report = describe_plan(r, tmp_path / "out", calibrate=False)
+    assert report.vocabulary.startswith("built tokenizer, 258 tokens, 320 rows (62 padding)")
+    lines = {t.name: t for t in report.tensors}
+    assert lines["lm_head.weight"].shape == (320, HIDDEN)
+    assert not (tmp_path / "out").exists()
+    assert describe_plan(recipe(base, [ft]), tmp_path / "o", calibrate=False).vocabulary.startswith(
+        "the base's tokenizer, 256 tokens, 256 rows"
+    )

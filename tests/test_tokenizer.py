@@ -441,3 +441,29 @@ def test_plan_shows_the_vocabulary(family, tmp_path):
     assert describe_plan(recipe(base, [ft]), tmp_path / "o", calibrate=False).vocabulary.startswith(
         "the base's tokenizer, 256 tokens, 256 rows"
     )
+
+
+def test_excluded_vocab_tensor_is_the_bases_remapped(family, tmp_path):
+    base, ft, _ = family
+    r = recipe(base, [ft], tokenizer_source="union", exclude=["lm_head"])
+    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=50)
+    got, b, f = load(tmp_path / "out"), load(base), load(ft)
+    # copied from the base, remapped: the base's rows, then the added tokens' donor (ft) rows
+    assert torch.equal(got["lm_head.weight"], torch.cat([b["lm_head.weight"],
+                                                         f["lm_head.weight"][256:]]))  # fmt: skip
+
+
+def test_without_transformers_a_clear_error(family, tmp_path, monkeypatch):
+    import sys
+
+    base, ft, _ = family
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
+    with pytest.raises(
+        RecipeError, match=r"needs? the transformers library.*streammerge\[tokenizer\]"
+    ):
+        run_merge(recipe(base, [ft], tokenizer_source="union"), tmp_path / "out",
+                  max_memory=2**30)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    # a chat template alone needs no transformers
+    run_merge(recipe(base, [ft], chat_template="chatml"), tmp_path / "o2", max_memory=2**30)
+    assert (tmp_path / "o2" / "chat_template.jinja").read_text().startswith("{%- for m in")

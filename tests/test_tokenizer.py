@@ -467,3 +467,16 @@ def test_without_transformers_a_clear_error(family, tmp_path, monkeypatch):
     # a chat template alone needs no transformers
     run_merge(recipe(base, [ft], chat_template="chatml"), tmp_path / "o2", max_memory=2**30)
     assert (tmp_path / "o2" / "chat_template.jinja").read_text().startswith("{%- for m in")
+
+
+def test_cabs_with_union_then_inspect_reads_remapped_inputs(family, tmp_path):
+    from streammerge.inspect import inspect_merge
+
+    base, ft, ft2 = family
+    r = recipe(base, [ft, ft2], method="cabs", tokenizer_source="union",
+               parameters={"n_val": 2, "m_val": 8})  # fmt: skip
+    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64)
+    rep = inspect_merge(tmp_path / "out")
+    row = next(t for t in rep.tensors if t.name == "lm_head.weight")
+    assert row.numel == 258 * HIDDEN
+    assert row.overlap_independent is not None  # computed from the remapped inputs

@@ -3,9 +3,11 @@
 We accept what mergekit users already write (``merge_method``, ``base_model``,
 ``models: [{model: PATH, parameters: {weight: ...}}]``, global ``parameters``, ``dtype``,
 ``out_dtype``) plus CABS's keys (``n_val``/``m_val`` globally or per model, a top-level
-``pruning_order``) and ``exclude`` (regexes of tensors taken from the base unmerged). Every
-numeric parameter may be a scalar, a gradient over layers or a filter list (mergekit's forms,
-see :mod:`streammerge.params`), resolved per tensor when the merge is planned.
+``pruning_order``), ``exclude`` (regexes of tensors taken from the base unmerged) and the
+tokenizer keys (``tokenizer_source``, ``tokenizer:``, ``chat_template``; see
+:mod:`streammerge.tokenizer`). Every numeric parameter may be a scalar, a gradient over layers
+or a filter list (mergekit's forms, see :mod:`streammerge.params`), resolved per tensor when
+the merge is planned.
 
 Unlike mergekit, unknown keys are reported (mergekit drops them silently, a frequent source of
 "my setting did nothing"). Invalid values fail here, before any input is opened, or, for

@@ -382,6 +382,11 @@ def plan_vocab(recipe: Recipe, base: ModelFolder, models: Sequence[ModelFolder])
     rows = [_rows(f, names) for f in folders]
     if cfg is None or cfg.source is None:
         return _truncation(recipe, folders, names, rows)
+    if not names:  # a tokenizer whose rows we cannot find would not fit the model
+        raise InputError(
+            f"{base.path}: no token-indexed tensor (embed_tokens, lm_head, wte, ...) to remap "
+            "onto the built tokenizer; remove tokenizer_source / tokenizer:"
+        )
     return _build(recipe, cfg, folders, names, rows)
 
 

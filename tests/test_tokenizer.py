@@ -480,3 +480,14 @@ def test_cabs_with_union_then_inspect_reads_remapped_inputs(family, tmp_path):
     row = next(t for t in rep.tensors if t.name == "lm_head.weight")
     assert row.numel == 258 * HIDDEN
     assert row.overlap_independent is not None  # computed from the remapped inputs
+
+
+def test_tokenizer_source_without_embeddings_is_refused(tmp_path):
+    from conftest import write_model
+
+    for name in ("base", "ft"):
+        write_model(tmp_path / name, {"encoder.proj.weight": torch.randn(8, 4)})
+        make_tokenizer().save_pretrained(tmp_path / name)
+    r = recipe(tmp_path / "base", [tmp_path / "ft"], tokenizer_source="union")
+    with pytest.raises(InputError, match="no token-indexed tensor"):
+        run_merge(r, tmp_path / "out", max_memory=2**30)

@@ -381,6 +381,7 @@ def test_tokenizer_keys_are_no_longer_ignored(family):
 BIG_VOCAB, BIG_HIDDEN, BIG_BUDGET_MIB = 64000, 1024, 700
 
 
+@pytest.mark.slow  # about 40 s alone, 100 s on a busy machine
 def test_remapped_big_embedding_stays_in_budget(tmp_path):
     """A union of a 64000-token base and a fine-tune with two added tokens, padded: the 125 MiB
     (bf16) embedding and lm_head of each model are remapped as they stream, and the whole

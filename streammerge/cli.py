@@ -342,6 +342,8 @@ def _print_plan(r: PlanReport, tensors: bool) -> None:
     click.echo(f"device: {r.device}; peak VRAM: {vram}")
     for line in r.stats:
         click.echo(f"statistics pass: {line}")
+    if r.vocabulary is not None:
+        click.echo(f"vocabulary: {r.vocabulary}")
     click.echo(
         f"disk: {format_size(r.disk_needed)} needed (shards and occupancy store), "
         f"{format_size(r.disk_free)} free"

@@ -18,12 +18,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from . import tokenizer
 from .card import model_card
 from .checksum import crc32c
 from .device import CudaStager, default_max_vram, resolve_device
@@ -131,12 +132,21 @@ def run_merge(
                 old_store = ZarrMaskStore(replay.source / STORE_NAME)
                 old_attrs = old_store.attrs()
                 method = ReplayMethod(recipe.impl, old_store.read_range, replay.add)
+            tok_out = None
+            if replay is None:  # token-indexed tensors remapped onto the output vocabulary
+                base, models, tok_out = tokenizer.prepare(recipe, base, models)
+            elif recipe.tokenizer is not None:
+                raise StreamMergeError("remix and add do not take tokenizer keys")
+            if tok_out is not None:
+                recipe = replace(recipe, warnings=recipe.warnings + tok_out.warnings)
             plan = build_plan(recipe, base, models, opts.max_memory or default_max_memory(),
                               opts.shard_size, opts.chunk_elems or resumed, max_vram)  # fmt: skip
             if replay is None and dev.type == "cpu":
                 precompile_kernels(plan, base, models, verbose=opts.progress)
             # the digest excludes TADrop's densities: they follow from the inputs and recipe
             digest = plan_digest(plan, [base, *models], old_attrs)
+            if (vocab := tokenizer.vocab_digest(tok_out)) is not None:
+                digest["vocab"] = vocab  # the row mapping follows the inputs' tokenizers
             if state.kind == "finished" and not opts.force:
                 done = out.already_done(digest)
                 if done is not None:  # the same merge of the same inputs: nothing to do
@@ -193,7 +203,8 @@ def run_merge(
                 shards = {sp.filename: claim.done.shard_sha256[i]
                           for i, sp in enumerate(plan.shards)}  # fmt: skip
                 record = marker(recipe, summary, tadrop, digest, shards, store_digest(out.path))
-                claim.finalize(recipe, plan, card, record)
+                claim.finalize(recipe, plan, card, record,
+                               tok_out.write if tok_out is not None else None)  # fmt: skip
                 return summary
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import tokenizer
 from .errors import StreamMergeError
 from .mask_store import STORE_NAME, ZarrMaskStore
 from .methods import METHODS
@@ -150,6 +151,9 @@ def inspect_merge(out_dir: Path | str, *, use_inputs: bool = True) -> MergeRepor
     if recipe is not None:
         try:
             inputs = [ModelFolder(recipe.base), *(ModelFolder(m.path) for m in recipe.models)]
+            # the masks cover the merge's (remapped) token rows
+            b, ms, _ = tokenizer.prepare(recipe, inputs[0], inputs[1:])
+            inputs = [b, *ms]
         except StreamMergeError as e:
             note = f"skipped: {e}"
     tadrop = bool(attrs.get("tadrop"))

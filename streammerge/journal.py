@@ -218,7 +218,8 @@ def explain_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     """Which parts of the plan digest changed, in words."""
     parts = []
     labels = {"version": "streammerge version", "recipe": "the recipe",
-              "layout": "the output layout (--shard-size or dtypes)"}  # fmt: skip
+              "layout": "the output layout (--shard-size or dtypes)",
+              "vocab": "the inputs' tokenizers (the embedding row mapping)"}  # fmt: skip
     for key, label in labels.items():
         if old.get(key) != new.get(key):
             parts.append(label)

@@ -20,7 +20,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,9 +295,19 @@ class Claim:
             )
             atomic_write_text(self.path / INCOMPLETE, INCOMPLETE_TEXT)
 
-    def finalize(self, recipe: Recipe, plan: MergePlan, card: str, marker: Mapping) -> None:
-        """Files from the base, the index and the card; then the completion marker, last."""
+    def finalize(
+        self,
+        recipe: Recipe,
+        plan: MergePlan,
+        card: str,
+        marker: Mapping,
+        extra: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Files from the base (then ``extra(OUT_DIR)``: the built tokenizer, the chat
+        template), the index and the card; then the completion marker, last."""
         _copy_model_files(recipe, self.path)
+        if extra is not None:
+            extra(self.path)
         write_index(self.path, plan.shards, {"streammerge_version": __version__})
         fsync_dir(self.path)
         atomic_write_text(self.path / CARD_NAME, card)

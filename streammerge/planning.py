@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import platform
+from . import platform, tokenizer
 from .device import default_max_vram, resolve_device
 from .errors import StreamMergeError
 from .memory import (
@@ -114,6 +114,9 @@ class PlanReport:
     stats: tuple[str, ...] = ()
     """What the method's statistics passes reduce (empty: chunk-local)."""
     warnings: tuple[str, ...] = ()
+    vocabulary: str | None = None
+    """The output vocabulary and remapped tensors, when the recipe builds a tokenizer, sets a
+    chat template or the inputs' vocabularies differ (None: the base's, unchanged)."""
 
     @property
     def merged(self) -> int:
@@ -182,6 +185,9 @@ def describe_plan(
     with ExitStack() as opened:
         base = opened.enter_context(closing(ModelFolder(recipe.base)))
         models = [opened.enter_context(closing(ModelFolder(m.path))) for m in recipe.models]
+        base, models, tok_out = tokenizer.prepare(recipe, base, models)  # as run_merge does
+        if tok_out is not None:
+            warnings += tok_out.warnings
         budget = opts.max_memory or default_max_memory()
         plan = build_plan(recipe, base, models, budget, opts.shard_size, chunk_elems, max_vram)
         need = out.disk_needed(plan)
@@ -221,6 +227,7 @@ def describe_plan(
             predicted_peak_vram=_predict_vram(plan) if dev.type == "cuda" else None,
             stats=recipe.impl.spec.stats,
             warnings=tuple(warnings),
+            vocabulary=tok_out.describe() if tok_out is not None else None,
         )
 
 

@@ -3,9 +3,11 @@
 We accept what mergekit users already write (``merge_method``, ``base_model``,
 ``models: [{model: PATH, parameters: {weight: ...}}]``, global ``parameters``, ``dtype``,
 ``out_dtype``) plus CABS's keys (``n_val``/``m_val`` globally or per model, a top-level
-``pruning_order``) and ``exclude`` (regexes of tensors taken from the base unmerged). Every
-numeric parameter may be a scalar, a gradient over layers or a filter list (mergekit's forms,
-see :mod:`streammerge.params`), resolved per tensor when the merge is planned.
+``pruning_order``), ``exclude`` (regexes of tensors taken from the base unmerged) and the
+tokenizer keys (``tokenizer_source``, ``tokenizer:``, ``chat_template``; see
+:mod:`streammerge.tokenizer`). Every numeric parameter may be a scalar, a gradient over layers
+or a filter list (mergekit's forms, see :mod:`streammerge.params`), resolved per tensor when
+the merge is planned.
 
 Unlike mergekit, unknown keys are reported (mergekit drops them silently, a frequent source of
 "my setting did nothing"). Invalid values fail here, before any input is opened, or, for
@@ -32,6 +34,7 @@ from .methods import MERGEKIT_METHODS, METHODS
 from .methods.base import Method, MethodOptions, ModelParams
 from .methods.spec import MethodSpec, Param
 from .params import Gradient, ParamValue, parse_value, resolve
+from .tokenizer import TokenizerConfig, parse_tokenizer
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -50,8 +53,9 @@ _DTYPE_ALIASES = {
 }
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-             "pruning_order", "exclude"}  # fmt: skip
-IGNORED_MERGEKIT = {"tokenizer_source", "tokenizer", "chat_template", "name"}
+             "pruning_order", "exclude", "tokenizer_source", "tokenizer",
+             "chat_template"}  # fmt: skip
+IGNORED_MERGEKIT = {"name"}
 UNSUPPORTED_MERGEKIT = {"slices", "modules"}
 
 
@@ -116,6 +120,8 @@ class Recipe:
     warnings: tuple[str, ...] = ()
     text: str = field(default="", compare=False)
     """The recipe file's text as written ("" when parsed from a mapping), for the model card."""
+    tokenizer: TokenizerConfig | None = None
+    """``tokenizer_source`` / ``tokenizer:`` / ``chat_template`` (None: the base's files)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -247,9 +253,7 @@ def parse_recipe(
         warnings.append(f"unknown recipe keys ignored: {', '.join(unknown)}")
     ignored = sorted(set(doc) & IGNORED_MERGEKIT)
     if ignored:
-        warnings.append(
-            f"keys ignored (tokenizer and config come from the base): {', '.join(ignored)}"
-        )
+        warnings.append(f"keys ignored: {', '.join(ignored)}")
 
     impl = _method(doc.get("merge_method"))
     spec = impl.spec
@@ -344,10 +348,23 @@ def parse_recipe(
             re.compile(pat)
         except (re.error, TypeError) as e:
             raise RecipeError(f"exclude: {pat!r} is not a valid regular expression ({e})") from e
+
+    def model_index(ref: Any, where: str) -> int:
+        """Input index of a model reference (0: the base) for the tokenizer keys."""
+        path = _resolve(_model_ref(ref, where), recipe_dir, where)
+        if path == base:
+            return 0
+        for k, e in enumerate(entries):
+            if e.path == path:
+                return k + 1
+        raise RecipeError(f"{where}: {ref!r} is not the base_model or one of the models")
+
+    tokenizer = parse_tokenizer(doc, model_index)
     return Recipe(
         method=method,
         base=base,
         models=tuple(entries),
+        tokenizer=tokenizer,
         settings=settings,
         strings=strings,
         dtype=_dtype(doc.get("dtype", "float32"), "dtype"),

@@ -16,6 +16,7 @@ from .methods import TensorId
 from .model import ModelFolder
 from .plan import Densities, layer_positions, tensor_params
 from .recipe import Recipe
+from .tokenizer import plan_vocab, remap_full
 
 
 def reference_merge(
@@ -36,8 +37,16 @@ def reference_merge(
             for folder in folders
         ]
 
-        def get(i: int, name: str) -> torch.Tensor:
+        def raw(i: int, name: str) -> torch.Tensor:
             return handles[i][folders[i].file_of(name).name].get_tensor(name)
+
+        # token-indexed tensors: every input's whole tensor remapped onto the output vocabulary
+        vmap = plan_vocab(recipe, folders[0], folders[1:])
+
+        def get(i: int, name: str) -> torch.Tensor:
+            if vmap is None or name not in vmap.names:
+                return raw(i, name)
+            return remap_full(vmap, i, [raw(j, name) for j in range(len(folders))])
 
         names = folders[0].names()
         positions = layer_positions(names)

@@ -6,7 +6,7 @@ at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack
 
 import torch
@@ -20,9 +20,10 @@ from .tokenizer import plan_vocab, remap_full
 
 
 def reference_merge(
-    recipe: Recipe, densities: Densities | None = None
+    recipe: Recipe, densities: Densities | None = None, only: Collection[str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor] | None]]:
-    """Yield ``(name, merged tensor in its output dtype, masks or None)`` for every tensor.
+    """Yield ``(name, merged tensor in its output dtype, masks or None)`` for every tensor
+    (or for the names in ``only``: a sample of a model too large to merge whole in RAM).
 
     ``densities``: TADrop's per-(model, tensor) densities, as the engine computed them.
     """
@@ -51,6 +52,8 @@ def reference_merge(
         names = folders[0].names()
         positions = layer_positions(names)
         for name in names:
+            if only is not None and name not in only:
+                continue
             b = get(0, name)
             if not b.is_floating_point() or recipe.excluded(name):
                 yield name, b, None

@@ -120,8 +120,8 @@ def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(DEVICES),
                 default="cpu",
                 show_default=True,
-                help="Where the math runs; auto = cuda when a GPU is usable (same bytes "
-                "either way).",
+                help="Where the math runs; auto = cuda when a GPU is usable, else mps on "
+                "Apple silicon, for methods that run there (same bytes either way).",
             ),
             click.option(
                 "--max-vram",

@@ -6,5 +6,5 @@ DEFAULT_SHARD_SIZE = 5_000_000_000
 """Maximum bytes of one output shard (mergekit's default)."""
 DEFAULT_SHARD_SIZE_TEXT = "5GB"
 """The same, as ``--shard-size`` shows and parses it."""
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 """Values of ``--device``."""

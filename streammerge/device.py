@@ -27,17 +27,36 @@ from .methods import METHODS
 from .methods.spec import MethodSpec
 
 
+def mps_available() -> bool:
+    """Whether torch can use Apple's Metal GPU here (Apple silicon, macOS 12.3+)."""
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def resolve_device(name: str, method: str | MethodSpec) -> torch.device:
-    """``auto`` is ``cuda`` when a GPU is usable and the method runs there (its spec says
-    ``cuda``), else ``cpu``."""
+    """``auto`` is ``cuda`` when a CUDA GPU is usable, else ``mps`` on Apple silicon, when the
+    method runs there (its spec says ``cuda`` / ``mps``); otherwise ``cpu``."""
     spec = METHODS[method].spec if isinstance(method, str) else method
-    on_gpu = sorted(m.name for m in METHODS.values() if m.spec.cuda)
     if name not in DEVICES:
         raise StreamMergeError(f"--device must be one of {', '.join(DEVICES)}, not {name!r}")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    if name == "cpu":
         return torch.device("cpu")
     if name == "auto":
-        return torch.device("cuda" if spec.cuda else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda" if spec.cuda else "cpu")
+        return torch.device("mps" if spec.mps and mps_available() else "cpu")
+    if name == "mps":
+        if not mps_available():
+            raise StreamMergeError(
+                "--device mps was asked for, but torch sees no Metal GPU here (MPS needs Apple "
+                "silicon and macOS 12.3 or later); use --device cpu"
+            )
+        if not spec.mps:
+            on_mps = ", ".join(sorted(m.name for m in METHODS.values() if m.spec.mps))
+            raise StreamMergeError(
+                f"merge_method {spec.name} does not run on the Metal GPU (it needs float64 or "
+                f"a CPU kernel; MPS: {on_mps}); use --device cpu"
+            )
+        return torch.device("mps")
     if not torch.cuda.is_available():
         why = (
             "this torch build has no CUDA support"
@@ -46,9 +65,9 @@ def resolve_device(name: str, method: str | MethodSpec) -> torch.device:
         )
         raise StreamMergeError(f"--device cuda was asked for, but {why}; use --device cpu")
     if not spec.cuda:
+        on_gpu = ", ".join(sorted(m.name for m in METHODS.values() if m.spec.cuda))
         raise StreamMergeError(
-            f"merge_method {spec.name} runs on the CPU only (GPU: {', '.join(on_gpu)}); "
-            "use --device cpu"
+            f"merge_method {spec.name} runs on the CPU only (GPU: {on_gpu}); use --device cpu"
         )
     return torch.device("cuda")
 
@@ -133,3 +152,21 @@ class CudaStager:
         for t in (out, *masks, total):
             t.record_stream(self.d2h)
         return host_out, host_masks, host_total, done
+
+
+class DeviceStager:
+    """Staging for a GPU without CUDA streams (Apple's MPS): copy a chunk in, compute, copy
+    the result out, one after the other. Metal shares the machine's memory, so the device
+    copies count against the same RAM the ``--max-memory`` budget describes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def to_device(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [v.to(self.device) for v in views]
+
+    def to_host(
+        self, out: torch.Tensor, masks: Sequence[torch.Tensor], total: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, None]:
+        """The chunk's output, masks and sum on the CPU (the copies are synchronous)."""
+        return out.cpu(), [m.cpu() for m in masks], total.cpu(), None

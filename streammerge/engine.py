@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import tokenizer
 from .card import model_card
 from .checksum import crc32c
-from .device import CudaStager, default_max_vram, resolve_device
+from .device import CudaStager, DeviceStager, default_max_vram, resolve_device
 from .errors import InputError, Interrupted, StreamMergeError
 from .input_check import InputCheck
 from .journal import fsync_dir
@@ -110,7 +110,7 @@ def run_merge(
         recipe = load_recipe(Path(recipe))
     out = OutputFolder(Path(out_dir))
     dev = resolve_device(opts.device, recipe.impl.spec)
-    if replay is not None and dev.type == "cuda":
+    if replay is not None and dev.type != "cpu":
         raise StreamMergeError("remix and add run on the CPU; use --device cpu")
     max_vram = opts.max_vram
     if dev.type == "cuda" and max_vram is None:
@@ -254,10 +254,12 @@ class Scheduler:
         self._writes = Lane("streammerge-write")
         self._buf = bytearray(PRELOAD_BUFFER)
         self.input_check = InputCheck(plan, self.done, [base, *models])
-        self.stager = None
+        self.stager: CudaStager | DeviceStager | None = None
         if device.type == "cuda":
             chunk = max((t.chunk_elems for t in plan.tensors if t.merged), default=1)
             self.stager = CudaStager(device, chunk, len(models) + 1, len(models))
+        elif device.type != "cpu":  # mps
+            self.stager = DeviceStager(device)
 
     def execute(self, progress: bool, stop: StopOnSignals) -> None:
         plan = self.plan

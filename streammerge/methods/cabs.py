@@ -67,6 +67,7 @@ SPEC = MethodSpec(
         *TADROP_PARAMS,
     ),
     cuda=True,
+    mps=True,
     writes_masks=True,
     nm_blocks=True,
     tadrop=True,

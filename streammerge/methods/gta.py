@@ -405,7 +405,7 @@ def _spec(name: str, summary: str, params: tuple[Param, ...], **kw: object) -> M
 
 TASK_ARITHMETIC = Gta(
     _spec("task_arithmetic", "base + lambda * sum of weighted task vectors", (DENSITY, *GLOBALS),
-          cuda=True, kernel="gta", example={"weight": 0.5}),
+          cuda=True, mps=True, kernel="gta", example={"weight": 0.5}),
     "none", consensus=False, normalize=False, rescale=False,
 )  # fmt: skip
 TIES = Gta(

@@ -30,6 +30,7 @@ SPEC = MethodSpec(
     ),
     needs_base=False,
     cuda=True,
+    mps=True,
     card=(WEIGHT_COLUMN,),
     example={"weight": 0.5},
 )

@@ -114,6 +114,9 @@ class MethodSpec:
     """What each kind of statistics pass reduces, for ``plan`` (empty: chunk-local)."""
     cuda: bool = False
     """Its merge runs on a GPU (device-agnostic torch code, same bytes as the CPU)."""
+    mps: bool = False
+    """Its merge also runs on Apple's Metal GPU (``cuda`` code without float64, which Metal
+    lacks, and without CUDA streams)."""
     writes_masks: bool = False
     """It produces per-model kept masks, stored in the occupancy store."""
     nm_blocks: bool = False

@@ -78,13 +78,19 @@ TASK_MODELS = 3
 # Recipes
 
 
-def recipe_doc(method: str, base: Path, fts: Sequence[Path]) -> dict:
-    """One mergekit-syntax recipe for ``method`` on the family (``base``, ``fts``)."""
+DETERMINISTIC_VARIANTS = {"dare_ties": {"density": 1.0}, "dare_linear": {"density": 1.0}}
+"""Extra rows without the random drop (density 1), to compare the rest of the arithmetic of
+methods whose random stream cannot agree with mergekit's. (DELLA refuses density 1.)"""
+
+
+def recipe_doc(method: str, base: Path, fts: Sequence[Path], overrides: dict | None = None) -> dict:
+    """One mergekit-syntax recipe for ``method`` on the family (``base``, ``fts``), with
+    ``overrides`` of the example's parameters."""
     spec = METHODS[method].spec
     hi = TASK_MODELS if spec.max_models is None else min(spec.max_models, TASK_MODELS)
     k = max(spec.min_models, min(2, hi)) if method not in GRAM_METHODS else hi
     per_model = spec.per_model
-    example = dict(spec.example)
+    example = {**spec.example, **(overrides or {})}
     globals_ = {n: v for n, v in example.items() if n not in per_model}
     models = []
     for i, ft in enumerate(fts[:k]):
@@ -250,7 +256,8 @@ def compare(
         only_mk, only_sm = sorted(set(mk) - set(sm)), sorted(set(sm) - set(mk))
         row.error = f"tensors differ: only mergekit {only_mk[:3]}, only streammerge {only_sm[:3]}"
         return
-    random = METHODS[method].spec.param("random_seed") is not None
+    draws = [m.get("parameters", {}).get("density", 1.0) < 1.0 for m in doc["models"]]
+    random = METHODS[method].spec.param("random_seed") is not None and any(draws)
     for name in sorted(mk):
         a, b = mk[name], sm[name]
         if a.dtype != b.dtype and a.dtype.itemsize > b.dtype.itemsize:
@@ -376,14 +383,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     for dtype in dtypes:
         fam = work / f"family-{dtype}"
-        base, fts = generate_family(fam, args.preset, TASK_MODELS, seed=0, dtype=DTYPES[dtype])
+        base, fts = fam / "base", [fam / f"ft{k}" for k in range(1, TASK_MODELS + 1)]
+        if not (args.reuse and all((p / "config.json").is_file() for p in (base, *fts))):
+            base, fts = generate_family(fam, args.preset, TASK_MODELS, dtype=DTYPES[dtype])
         folders = [base, *fts]
         tensors = {p: load_folder(p) for p in folders}
-        for method in methods:
-            row = Row(method, dtype)
+        cases = [(m, m, {}) for m in methods]
+        cases += [(f"{m} (density 1)", m, o) for m, o in DETERMINISTIC_VARIANTS.items()
+                  if m in methods]  # fmt: skip
+        for label, method, overrides in cases:
+            row = Row(label, dtype)
             rows.append(row)
-            doc = recipe_doc(method, base, fts)
-            d = work / dtype / method
+            doc = recipe_doc(method, base, fts, overrides)
+            d = work / dtype / label.replace(" (density 1)", "-density1")
             done = (d / "mk").is_dir() and (d / "sm" / "streammerge.json").is_file()
             if not (args.reuse and done):
                 shutil.rmtree(d, ignore_errors=True)
@@ -407,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             compare(row, method, doc, load_folder(d / "mk"), load_folder(d / "sm"), ref,
                     [tensors[p] for p in used])  # fmt: skip
             print(
-                f"{method} {dtype}: {row.elements} elements, {row.equal} equal, {row.ulp1} "
+                f"{label} {dtype}: {row.elements} elements, {row.equal} equal, {row.ulp1} "
                 f"within 1 ulp, beyond: {row.beyond} {row.error} "
                 f"(mergekit {row.mk_s:.1f}s, streammerge {row.sm_s:.1f}s)",
                 file=sys.stderr,

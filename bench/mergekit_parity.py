@@ -362,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
+    if args.mergekit and find_mergekit(args.mergekit) != args.mergekit:
+        print(f"error: --mergekit {args.mergekit}: not an executable file", file=sys.stderr)
+        return 2
     exe = find_mergekit(args.mergekit)
     if exe is None:
         print("mergekit is not installed (no mergekit-yaml); skipping the parity comparison.")

@@ -319,7 +319,7 @@ def float64_reference(doc: dict) -> dict[str, torch.Tensor]:
 
 def table(rows: Sequence[Row]) -> str:
     head = (
-        "| method | dtype | elements | equal | <=1 ulp | >1 ulp: mergekit further from f64 "
+        "| method | dtype | elements | equal | 1 ulp | >1 ulp: mergekit further from f64 "
         "| >1 ulp: both within f32 rounding of f64 | >1 ulp: tie order | >1 ulp: random stream "
         "| >1 ulp: unexplained | max abs diff |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"

@@ -327,7 +327,7 @@ def table(rows: Sequence[Row]) -> str:
     lines = []
     for r in rows:
         if r.error:
-            lines.append(f"| `{r.method}` | {r.dtype} | error: {r.error} ||||||||| |")
+            lines.append(f"| `{r.method}` | {r.dtype} | error: {r.error} |||||||| |")
             continue
         b = r.beyond
         lines.append(

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .defaults import DEFAULT_SHARD_SIZE_TEXT, DEVICES
+from .defaults import DEFAULT_SHARD_SIZE_TEXT, DEVICES, EXECUTORS
 from .errors import Interrupted, StreamMergeError
 from .memory import format_size, parse_size
 from .options import MergeOptions
@@ -152,6 +152,20 @@ def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--allow-nonfinite", is_flag=True, help="Merge NaN/Inf input values instead of failing."
 )
+@click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: work units as Ray tasks on a cluster (same bytes; needs "
+    "streammerge[ray], shared storage, --max-memory is per worker).",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="The Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a new local "
+    "instance).",
+)
 @_user_errors
 def run(
     recipe: Path,
@@ -167,6 +181,8 @@ def run(
     chunk_elems: int | None,
     device: str,
     max_vram: int | None,
+    executor: str,
+    ray_address: str | None,
 ) -> None:
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR.
 
@@ -201,6 +217,8 @@ def run(
             allow_nonfinite=allow_nonfinite,
             device=device,
             max_vram=max_vram,
+            executor=executor,
+            ray_address=ray_address,
         )
         on_tensor = None if log is None else functools.partial(_log_tensor, log)
         summary = run_merge(parsed, out_dir, options, on_tensor=on_tensor)

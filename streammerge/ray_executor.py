@@ -172,7 +172,8 @@ def run_unit(
     with ExitStack() as opened:
         base = opened.enter_context(closing(ModelFolder(sources[0])))
         models = [opened.enter_context(closing(ModelFolder(p))) for p in sources[1:]]
-        precompile_kernels(plan, base, models)  # loads the cached build, or builds it once
+        # loads the cached build (or builds it once, outside this process)
+        precompile_kernels(plan, base, models, method=method)
         # mode "a", not "r+": opening with r+ deletes temp files, other workers' writes
         store = ZarrMaskStore(out_dir / STORE_NAME, mode="a")
         log = UnitLog()

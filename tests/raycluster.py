@@ -34,7 +34,7 @@ def _ray() -> str:
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM the node's process group (ours: started with a new session), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

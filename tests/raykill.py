@@ -2,9 +2,9 @@
 
 An instance reaches each Ray task by value (the test registers this module with
 ``cloudpickle.register_pickle_by_value``), fresh per task: ``merge`` SIGKILLs the process at
-the unit's second merged chunk (so the unit has already handed a chunk to its writer) while
-the death log in ``log`` holds fewer than ``deaths`` lines. Otherwise it is CABS, byte for
-byte.
+the second merged chunk of a tensor (of ``tensor`` only, if given; so the unit has already
+handed a chunk to its writer) while the death log in ``log`` holds fewer than ``deaths``
+lines. Otherwise it is CABS, byte for byte.
 """
 
 from __future__ import annotations
@@ -17,13 +17,18 @@ from typing import Any
 
 import torch
 
-from streammerge.methods.base import MergeResult
+from streammerge.methods.base import MergeResult, TensorId
 from streammerge.methods.cabs import Cabs
 
 
 class DyingCabs(Cabs):
-    def __init__(self, log: Path, deaths: int) -> None:
-        self.log, self.deaths, self.calls = log, deaths, 0
+    def __init__(self, log: Path, deaths: int, tensor: str | None = None) -> None:
+        self.log, self.deaths, self.tensor = log, deaths, tensor
+        self.calls = 0
+
+    def new_state(self, tensor: TensorId, *args: Any) -> Any:
+        self.calls = 0 if self.tensor is None or tensor.name == self.tensor else -(10**9)
+        return super().new_state(tensor, *args)
 
     def merge(
         self, state: Any, start: int, base: torch.Tensor, fts: Sequence[torch.Tensor]
@@ -55,13 +60,19 @@ class SlowCabs(Cabs):
 
 DRIVER = """
 import sys
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import ray.cloudpickle
 import raykill
 ray.cloudpickle.register_pickle_by_value(raykill)
 from streammerge.methods import METHODS
-METHODS["cabs"] = raykill.SlowCabs(float(sys.argv[2]))
+kind, arg = sys.argv[2].split(":", 1)
+if kind == "slow":
+    METHODS["cabs"] = raykill.SlowCabs(float(arg))
+else:
+    METHODS["cabs"] = raykill.DyingCabs(Path(arg), 1)
 from streammerge.cli import main
 main(sys.argv[3:], prog_name="streammerge")
 """
-"""``python -c DRIVER TESTS_DIR DELAY ARGS...``: the CLI with CABS slowed down."""
+"""``python -c DRIVER TESTS_DIR slow:SECONDS|die:LOG ARGS...``: the CLI with CABS slowed
+down, or with the first worker to reach a tensor's second chunk killed."""

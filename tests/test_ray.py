@@ -139,3 +139,20 @@ def test_options_refused_before_any_work(fam, tmp_path: Path) -> None:
     with pytest.raises(StreamMergeError, match="--executor must be one of"):
         merge(recipe, tmp_path / "out", executor="dask")
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_on_ray_replays_to_the_bytes_of_direct_runs(fam, tmp_path: Path, local_ray) -> None:
+    from streammerge.sweep import sweep
+
+    base, fts = fam
+    recipe = parse_recipe(recipe_doc(METHODS["cabs"].spec, base, fts))
+    results = sweep(recipe, tmp_path / "sweep", {"ft2": [0.25, 2.0]}, executor="ray",
+                    chunk_elems=CHUNK, max_memory=2**30, shard_size=SHARD)  # fmt: skip
+    assert [p.replayed for p, _ in results] == [False, True]
+    for p, _ in results:
+        doc = recipe_doc(METHODS["cabs"].spec, base, fts)
+        for item, (_, w) in zip(doc["models"], p.weights, strict=True):
+            item["parameters"]["weight"] = w
+        merge(parse_recipe(doc), tmp_path / f"direct-{p.index}")
+        for f in (tmp_path / f"direct-{p.index}").glob("model-*.safetensors"):
+            assert (p.out_dir / f.name).read_bytes() == f.read_bytes()

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .defaults import DEFAULT_SHARD_SIZE_TEXT, DEVICES
+from .defaults import DEFAULT_SHARD_SIZE_TEXT, DEVICES, EXECUTORS
 from .errors import Interrupted, StreamMergeError
 from .memory import format_size, parse_size
 from .options import MergeOptions
@@ -152,6 +152,20 @@ def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--allow-nonfinite", is_flag=True, help="Merge NaN/Inf input values instead of failing."
 )
+@click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: work units as Ray tasks on a cluster (same bytes; needs "
+    "streammerge[ray], shared storage, --max-memory is per worker).",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="The Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a new local "
+    "instance).",
+)
 @_user_errors
 def run(
     recipe: Path,
@@ -167,6 +181,8 @@ def run(
     chunk_elems: int | None,
     device: str,
     max_vram: int | None,
+    executor: str,
+    ray_address: str | None,
 ) -> None:
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR.
 
@@ -201,6 +217,8 @@ def run(
             allow_nonfinite=allow_nonfinite,
             device=device,
             max_vram=max_vram,
+            executor=executor,
+            ray_address=ray_address,
         )
         on_tensor = None if log is None else functools.partial(_log_tensor, log)
         summary = run_merge(parsed, out_dir, options, on_tensor=on_tensor)
@@ -390,6 +408,83 @@ def _print_summary(s: RunSummary) -> None:
                 f"{name} {n / s.merged_elems:.4f}" for name, n in zip(s.models, kept, strict=True)
             )
         )
+
+
+def _grid(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
+    out: dict[str, list[float]] = {}
+    for v in values:
+        ref, sep, nums = v.rpartition("=")
+        try:
+            if not sep or not ref:
+                raise ValueError
+            out[ref] = [float(x) for x in nums.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"expected MODEL=V1,V2,..., got {v!r}") from None
+    return out
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_root", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--grid",
+    multiple=True,
+    required=True,
+    metavar="MODEL=V1,V2,...",
+    callback=_grid,
+    help="Weights to try for a model (folder name or path as in the recipe); repeatable: "
+    "the points are every combination.",
+)
+@click.option("--max-memory", callback=_size, metavar="SIZE",
+              help="Peak RSS budget of each merge (default: half the available RAM).")  # fmt: skip
+@click.option("--shard-size", callback=_size, metavar="SIZE", default=DEFAULT_SHARD_SIZE_TEXT,
+              show_default=True, help="Maximum size of one output shard.")  # fmt: skip
+@click.option("--jobs", "-j", type=click.IntRange(1), default=2, show_default=True,
+              help="Merges at once (local processes).")  # fmt: skip
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
+              help="ray: the first merge on Ray, the others one Ray task each.")  # fmt: skip
+@click.option("--ray-address", metavar="ADDR", help="The Ray cluster to join (with ray).")
+@click.option("--chunk-elems", type=int, hidden=True, help="Force the chunk length (testing).")
+@_user_errors
+def sweep(
+    recipe: Path,
+    out_root: Path,
+    grid: dict[str, list[float]],
+    max_memory: int | None,
+    shard_size: int,
+    jobs: int,
+    executor: str,
+    ray_address: str | None,
+    chunk_elems: int | None,
+) -> None:
+    """Merge RECIPE once per point of a weight grid, into OUT_ROOT/point-NNN.
+
+    For methods whose masks do not depend on the weights (CABS) the first point is a full
+    run and the others replay its masks; each output is a normal finished merge.
+
+    \b
+    Example:
+      streammerge sweep recipe.yaml sweep/ --grid ft1=0.5,1.0 --grid ft2=0.5,1.0
+    """
+    from .recipe import load_recipe
+    from .sweep import sweep as run_sweep
+
+    parsed = load_recipe(recipe)
+    for w in parsed.warnings:
+        warning(w)
+    options = MergeOptions(max_memory=max_memory, shard_size=shard_size, chunk_elems=chunk_elems,
+                           executor=executor, ray_address=ray_address)  # fmt: skip
+
+    def line(point: Any, summary: Any) -> None:
+        how = "replayed" if point.replayed else "full run"
+        click.echo(f"{point.out_dir.name}: {how}, {summary.seconds:.1f} s", err=True)
+
+    results = run_sweep(parsed, out_root, grid, options, jobs=jobs, on_point=line)
+    names = [name for name, _ in results[0][0].weights]
+    click.echo("| folder | " + " | ".join(names) + " |")
+    click.echo("|---|" + "---|" * len(names))
+    for point, _ in results:
+        click.echo(f"| {point.out_dir} | " + " | ".join(f"{w:g}" for _, w in point.weights) + " |")
 
 
 # --- re-merging from the occupancy store: remix, add, inspect ---------------------------------

@@ -8,3 +8,5 @@ DEFAULT_SHARD_SIZE_TEXT = "5GB"
 """The same, as ``--shard-size`` shows and parses it."""
 DEVICES = ("auto", "cpu", "cuda", "mps")
 """Values of ``--device``."""
+EXECUTORS = ("local", "ray")
+"""Values of ``--executor``."""

@@ -16,10 +16,11 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -30,7 +31,7 @@ from .checksum import crc32c
 from .device import CudaStager, DeviceStager, default_max_vram, resolve_device
 from .errors import InputError, Interrupted, StreamMergeError
 from .input_check import InputCheck
-from .journal import fsync_dir
+from .journal import Journal, Progress, fsync_dir
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore, merge_attrs
 from .memory import RssSampler, default_max_memory, peak_rss
 from .methods import Method, TensorId
@@ -51,8 +52,12 @@ from .plan import MergePlan, TensorTask, build_plan, with_densities
 from .recipe import Recipe, load_recipe
 from .results import RunSummary, TensorReport
 from .runtime import Lane, StopOnSignals, precompile_kernels, trim_heap, with_rss
-from .safetensors_io import FLOAT_DTYPES, ShardWriter, tensor_bytes
+from .safetensors_io import FLOAT_DTYPES, ShardPlan, ShardWriter, tensor_bytes
 from .sampling import stored_densities, tadrop_densities
+
+if TYPE_CHECKING:
+    from .methods import ModelParams
+    from .ray_executor import RayExecutor
 
 JOURNAL_INTERVAL_S = 0.5
 """How often finished chunks are made durable and journaled (at most)."""
@@ -115,6 +120,11 @@ def run_merge(
     max_vram = opts.max_vram
     if dev.type == "cuda" and max_vram is None:
         max_vram = default_max_vram(dev)
+    if opts.executor == "ray" and (replay is not None or mask_store is not None
+                                   or dev.type != "cpu"):  # fmt: skip
+        raise StreamMergeError(
+            "--executor ray runs `run` on the CPU, with masks in OUT_DIR's occupancy store"
+        )
     inputs = [recipe.base, *(m.path for m in recipe.models)]
     out.check_inputs(inputs + ([replay.source] if replay else []))
     check_model_files(recipe)
@@ -143,6 +153,11 @@ def run_merge(
                               opts.shard_size, opts.chunk_elems or resumed, max_vram)  # fmt: skip
             if replay is None and dev.type == "cpu":
                 precompile_kernels(plan, base, models, verbose=opts.progress)
+            cluster = None
+            if opts.executor == "ray":  # reach the cluster (and check it fits) before claiming
+                from .ray_executor import RayCluster
+
+                cluster = opened.enter_context(RayCluster(opts.ray_address, plan))
             # the digest excludes TADrop's densities: they follow from the inputs and recipe
             digest = plan_digest(plan, [base, *models], old_attrs)
             if (vocab := tokenizer.vocab_digest(tok_out)) is not None:
@@ -176,10 +191,17 @@ def run_merge(
                     store.set_attrs(merge_attrs(plan, tadrop))
                 else:  # trust nothing an interrupted run left that does not check out
                     repaired = verify_resume(plan, claim.done, out.path, store)
-                scheduler = Scheduler(plan, method, base, models, claim, store,
-                                      opts.allow_nonfinite, dev, on_tensor)  # fmt: skip
                 if not claim.fresh:  # before any work: are the inputs what was merged?
-                    scheduler.input_check.sample()
+                    InputCheck(plan, claim.done, [base, *models]).sample()
+                scheduler: Scheduler | RayExecutor
+                if cluster is not None:
+                    from .ray_executor import RayExecutor
+
+                    scheduler = RayExecutor(cluster, plan, method, [base.path, *sources], claim,
+                                            store, opts.allow_nonfinite, on_tensor)  # fmt: skip
+                else:
+                    scheduler = Scheduler(plan, method, base, models, claim, store,
+                                          opts.allow_nonfinite, dev, on_tensor)  # fmt: skip
                 with RssSampler() as sampler, StopOnSignals() as stop:
                     scheduler.execute(opts.progress, stop)
                 summary = RunSummary(
@@ -215,6 +237,50 @@ def run_merge(
         raise StreamMergeError(f"{e.filename or out.path}: {e.strerror}") from e
 
 
+@dataclass
+class UnitLog:
+    """A work unit's journal (see :meth:`Scheduler.execute_unit`): the entries a worker made
+    durable, in order, for the driver to append to the real journal."""
+
+    entries: list[dict[str, object]] = field(default_factory=list)
+
+    def append(self, entry: Mapping[str, object]) -> None:
+        self.entries.append(dict(entry))
+
+
+@dataclass(frozen=True)
+class UnitClaim:
+    """What a worker's :class:`Scheduler` needs of a claim: the folder (locked by the driver),
+    a :class:`UnitLog`, and what counts as done (the journal's progress, plus every chunk
+    outside the unit)."""
+
+    path: Path
+    journal: UnitLog
+    done: Progress
+
+
+def mask_info(p: ModelParams) -> dict[str, object]:
+    """The parameters recorded on a finished mask array, besides its kept count."""
+    return {"weight": p.weight, "density": p.density, "n": p.n, "m": p.m}
+
+
+def seal_shard(out_dir: Path, plan: ShardPlan, shard: int, done: Progress,
+               journal: Journal) -> None:  # fmt: skip
+    """Rename a shard whose tensors are all journaled (unless a kill came after the rename),
+    then journal the SHA-256 of what is on disk."""
+    if not (out_dir / plan.filename).exists():  # journaled tensors, never renamed
+        if not (out_dir / (plan.filename + ".partial")).exists():
+            raise StreamMergeError(
+                f"{out_dir / plan.filename}: missing although the journal lists its "
+                "tensors as done; rerun with --restart"
+            )
+        ShardWriter(out_dir, plan, resume=True).finish()
+    fsync_dir(out_dir)
+    digest = file_sha256(out_dir / plan.filename)  # read back: what is on disk
+    done.shard_sha256[shard] = digest
+    journal.append({"shard": shard, "sha256": digest})
+
+
 class Scheduler:
     """One execution of a plan, skipping what the journal says is done.
 
@@ -230,20 +296,23 @@ class Scheduler:
         method: Method,
         base: ModelFolder,
         models: list[ModelFolder],
-        claim: Claim,
+        claim: Claim | UnitClaim,
         store: MaskStore,
         allow_nonfinite: bool,
         device: torch.device,
         on_tensor: Callable[[TensorReport], None] | None = None,
     ) -> None:
         """``models``: the folders read besides the base (for ``add``: the new model and the
-        finished output); ``claim``: the locked output folder and what is already done."""
+        finished output); ``claim``: the locked output folder and what is already done (a
+        :class:`UnitClaim` in a worker)."""
         self.plan, self.method, self.base, self.models = plan, method, base, models
         self.out_dir, self.journal, self.done = claim.path, claim.journal, claim.done
         self.store = store
         self.allow_nonfinite = allow_nonfinite
         self.on_tensor = on_tensor
         self.writes_masks = method.spec.writes_masks
+        self.finish_tensors = True
+        """False in a work unit: the driver finishes tensors (mask counts, journal line)."""
         self.kept: dict[str, list[int]] = {}
         self.skipped = 0
         self.writer: ShardWriter | None = None
@@ -297,6 +366,24 @@ class Scheduler:
                 self._flush()
                 self.writer.abort()
 
+    def execute_unit(self, tensors: Sequence[int]) -> None:
+        """Write every chunk of ``tensors`` (plan indices, one shard) that ``done`` does not
+        list, durably, journaling chunks only: the driver of a distributed run finishes the
+        tensors and shards (see :mod:`streammerge.ray_executor`)."""
+        self.finish_tensors = False
+        self.advance = lambda n: None
+        self.stop = StopOnSignals()  # never entered: a worker is stopped by its driver
+        try:
+            for ti in tensors:
+                self._tensor(ti, self.plan.tensors[ti])
+            self._writes.drain()
+            self._flush(force=True)
+        finally:
+            for lane in (self._reads, self._writes):
+                lane.close()
+            if self.writer is not None:
+                self.writer.abort()  # synced by the last flush; the driver renames it
+
     def _tensor(self, ti: int, task: TensorTask) -> None:
         t0 = time.perf_counter()
         if task.shard in self.done.shards or ti in self.done.tensors:
@@ -320,7 +407,8 @@ class Scheduler:
 
     def _tensor_done(self, ti: int, task: TensorTask, t0: float) -> None:
         """Write lane: every chunk of the tensor is written; journal it and report it."""
-        self._pending.append({"tensor": ti})
+        if self.finish_tensors:
+            self._pending.append({"tensor": ti})
         # batched like chunks (a sync per tensor cost ~8 ms each: an hour on a 90,000-tensor
         # MoE); the line still follows its chunks' data sync, in order
         self._flush()
@@ -379,17 +467,7 @@ class Scheduler:
             self._flush(force=True)
             self.writer.finish()
             self.writer = None
-        elif not (self.out_dir / plan.filename).exists():  # journaled tensors, never renamed
-            if not (self.out_dir / (plan.filename + ".partial")).exists():
-                raise StreamMergeError(
-                    f"{self.out_dir / plan.filename}: missing although the journal lists its "
-                    "tensors as done; rerun with --restart"
-                )
-            ShardWriter(self.out_dir, plan, resume=True).finish()
-        fsync_dir(self.out_dir)
-        digest = file_sha256(self.out_dir / plan.filename)  # read back: what is on disk
-        self.done.shard_sha256[shard] = digest
-        self.journal.append({"shard": shard, "sha256": digest})
+        seal_shard(self.out_dir, plan, shard, self.done, self.journal)
 
     def _preload(self, task: TensorTask, start: int, end: int) -> None:
         for src in (self.base, *self.models) if task.merged else (self.base,):
@@ -514,10 +592,9 @@ class Scheduler:
 
     def _masks_done(self, task: TensorTask, kept: list[int]) -> None:
         """Write lane: every chunk of the tensor's masks is stored; record the counts."""
-        for k, n in enumerate(kept):
-            p = task.params[k]
-            info = {"weight": p.weight, "density": p.density, "n": p.n, "m": p.m}
-            self.store.finish(k, task.name, n, info)
+        if self.finish_tensors:
+            for k, n in enumerate(kept):
+                self.store.finish(k, task.name, n, mask_info(task.params[k]))
         self.kept[task.name] = kept
 
     def _check_finite(self, task: TensorTask, start: int, out: torch.Tensor) -> None:

@@ -63,6 +63,10 @@ class Progress:
     def empty(self) -> bool:
         return not (self.chunks or self.tensors or self.shards)
 
+    def add(self, entry: Mapping[str, Any]) -> None:
+        """Fold in one journal entry (a distributed run's driver, as it journals a unit)."""
+        _record(self, dict(entry))
+
     def forget_chunk(self, t: int, c: int) -> None:
         """Redo chunk c of tensor t (and so the tensor's completion)."""
         self.chunks.get(t, set()).discard(c)

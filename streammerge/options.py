@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .defaults import DEFAULT_SHARD_SIZE, DEVICES
+from .defaults import DEFAULT_SHARD_SIZE, DEVICES, EXECUTORS
 from .errors import StreamMergeError
 
 
@@ -31,6 +31,11 @@ class MergeOptions:
     """``cpu``, ``cuda`` or ``auto``; the bytes are the same either way."""
     max_vram: int | None = None
     """Peak GPU memory budget; None: 90% of the free VRAM."""
+    executor: str = "local"
+    """``local`` (this process) or ``ray`` (work units as Ray tasks; same bytes)."""
+    ray_address: str | None = None
+    """The Ray cluster to join (``HOST:PORT`` or ``auto``); None: ``RAY_ADDRESS`` or a new
+    local instance."""
 
     def __post_init__(self) -> None:
         for name in ("max_memory", "max_vram", "chunk_elems"):
@@ -43,6 +48,12 @@ class MergeOptions:
             raise StreamMergeError(
                 f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}"
             )
+        if self.executor not in EXECUTORS:
+            raise StreamMergeError(
+                f"--executor must be one of {', '.join(EXECUTORS)}, not {self.executor!r}"
+            )
+        if self.ray_address is not None and self.executor != "ray":
+            raise StreamMergeError("--ray-address needs --executor ray")
 
     @classmethod
     def names(cls) -> frozenset[str]:

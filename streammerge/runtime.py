@@ -19,6 +19,7 @@ from . import platform
 from .memory import current_rss, format_size
 
 if TYPE_CHECKING:
+    from .methods import Method
     from .model import ModelFolder
     from .plan import MergePlan
 
@@ -105,11 +106,16 @@ def trim_heap() -> None:
 
 
 def precompile_kernels(
-    plan: MergePlan, base: ModelFolder, models: list[ModelFolder], verbose: bool = False
+    plan: MergePlan,
+    base: ModelFolder,
+    models: list[ModelFolder],
+    verbose: bool = False,
+    method: Method | None = None,
 ) -> None:
     """Have the compiled kernels the method's spec names built outside this process (see
-    ``kernels.precompile``), for the raw input dtypes this plan will feed them."""
-    kernel = plan.recipe.impl.spec.kernel
+    ``kernels.precompile``), for the raw input dtypes this plan will feed them. ``method``:
+    the one that runs (default: the recipe's, from this process's registry)."""
+    kernel = (method or plan.recipe.impl).spec.kernel
     raw = {
         "uint16" if src.info(t.name).dtype == "BF16" else "float32"
         for t in plan.tensors

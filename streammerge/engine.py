@@ -51,6 +51,7 @@ from .results import RunSummary, TensorReport
 from .runtime import Lane, StopOnSignals, precompile_kernels, trim_heap, with_rss
 from .safetensors_io import FLOAT_DTYPES, ShardWriter, tensor_bytes
 from .sampling import stored_densities, tadrop_densities
+from .slices import input_paths, open_inputs, real_folders
 
 JOURNAL_INTERVAL_S = 0.5
 """How often finished chunks are made durable and journaled (at most)."""
@@ -110,10 +111,12 @@ def run_merge(
     dev = resolve_device(opts.device, recipe.impl.spec)
     if replay is not None and dev.type == "cuda":
         raise StreamMergeError("remix and add run on the CPU; use --device cpu")
+    if replay is not None and recipe.slices is not None:
+        raise StreamMergeError("remix and add do not support 'slices:' merges")
     max_vram = opts.max_vram
     if dev.type == "cuda" and max_vram is None:
         max_vram = default_max_vram(dev)
-    inputs = [recipe.base, *(m.path for m in recipe.models)]
+    inputs = input_paths(recipe)
     out.check_inputs(inputs + ([replay.source] if replay else []))
     check_model_files(recipe)
     state = out.inspect()
@@ -121,9 +124,12 @@ def run_merge(
     resumed = state.chunk_elems if state.kind == "interrupted" and not opts.restart else None
     try:
         with ExitStack() as opened:  # input folders are closed whatever happens
-            base = opened.enter_context(closing(ModelFolder(recipe.base)))
-            sources = replay.inputs(recipe) if replay else inputs[1:]
-            models = [opened.enter_context(closing(ModelFolder(p))) for p in sources]
+            if recipe.slices is not None:  # read by output tensor name, see slices.py
+                base, models = open_inputs(recipe, opened)  # type: ignore[assignment]
+            else:
+                base = opened.enter_context(closing(ModelFolder(recipe.base)))
+                sources = replay.inputs(recipe) if replay else inputs[1:]
+                models = [opened.enter_context(closing(ModelFolder(p))) for p in sources]
             method: Method = recipe.impl
             old_attrs = None
             if replay is not None:
@@ -135,7 +141,7 @@ def run_merge(
             if replay is None and dev.type == "cpu":
                 precompile_kernels(plan, base, models, verbose=opts.progress)
             # the digest excludes TADrop's densities: they follow from the inputs and recipe
-            digest = plan_digest(plan, [base, *models], old_attrs)
+            digest = plan_digest(plan, real_folders([base, *models]), old_attrs)
             if state.kind == "finished" and not opts.force:
                 done = out.already_done(digest)
                 if done is not None:  # the same merge of the same inputs: nothing to do

@@ -38,6 +38,7 @@ from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipe
 from .runtime import precompile_kernels
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE
+from .slices import input_paths, open_inputs
 
 CALIBRATION_ELEMS = 2**20
 """Elements per timed chunk (fewer if the plan's chunks are smaller)."""
@@ -114,6 +115,8 @@ class PlanReport:
     stats: tuple[str, ...] = ()
     """What the method's statistics passes reduce (empty: chunk-local)."""
     warnings: tuple[str, ...] = ()
+    slices: tuple[str, ...] = ()
+    """A ``slices:`` recipe's layout, one line per slice (empty for ``models:``)."""
 
     @property
     def merged(self) -> int:
@@ -160,7 +163,7 @@ def describe_plan(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(Path(recipe))
     out = OutputFolder(Path(out_dir))
-    out.check_inputs([recipe.base, *(m.path for m in recipe.models)])
+    out.check_inputs(input_paths(recipe))
     check_model_files(recipe)
     dev = resolve_device(opts.device, recipe.impl.spec)
     max_vram = opts.max_vram
@@ -180,8 +183,11 @@ def describe_plan(
     if recipe.tadrop:
         warnings.append("TADrop densities are decided by a sampling pass when the merge runs")
     with ExitStack() as opened:
-        base = opened.enter_context(closing(ModelFolder(recipe.base)))
-        models = [opened.enter_context(closing(ModelFolder(m.path))) for m in recipe.models]
+        if recipe.slices is not None:  # read by output tensor name, see slices.py
+            base, models = open_inputs(recipe, opened)  # type: ignore[assignment]
+        else:
+            base = opened.enter_context(closing(ModelFolder(recipe.base)))
+            models = [opened.enter_context(closing(ModelFolder(m.path))) for m in recipe.models]
         budget = opts.max_memory or default_max_memory()
         plan = build_plan(recipe, base, models, budget, opts.shard_size, chunk_elems, max_vram)
         need = out.disk_needed(plan)
@@ -221,6 +227,7 @@ def describe_plan(
             predicted_peak_vram=_predict_vram(plan) if dev.type == "cuda" else None,
             stats=recipe.impl.spec.stats,
             warnings=tuple(warnings),
+            slices=tuple(recipe.slices.describe()) if recipe.slices is not None else (),
         )
 
 

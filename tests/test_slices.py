@@ -486,3 +486,30 @@ def test_frankenmerge_loads_in_transformers_and_runs(tmp_path):
         got, want = merged(ids).logits, expected(ids).logits
     assert torch.isfinite(got).all()
     assert torch.equal(got, want)
+
+
+def test_sparsifying_slices_merge_keeps_masks_inspect_works_remix_is_refused(short, tmp_path):
+    """Masks are stored per model slot; inspect reads them (not the inputs: a slot is not one
+    folder); remix and add say they do not support slices instead of misreading the store."""
+    from streammerge import StreamMergeError
+    from streammerge.inspect import inspect_merge
+    from streammerge.remix import add_model, remix_merge
+
+    base, (ft1, ft2) = short
+    slices = [[(base, 0, 2), (ft1, 0, 2), (ft2, 0, 2)], [(base, 2, 4), (ft2, 1, 3), (ft1, 2, 4)]]
+    doc = {"merge_method": "cabs", "base_model": str(base), "slices": doc_slices(slices),
+           "parameters": {"n_val": 1, "m_val": 4}}  # fmt: skip
+    out = tmp_path / "out"
+    run_merge(parse_recipe(doc), out, max_memory=2**30)
+    report = inspect_merge(out)
+    assert "slices" in report.independent_note
+    assert report.models == ("ft1 + ft2", "ft2 + ft1")
+    for t in report.tensors:  # strict CABS at 1:4: each slot keeps at most a quarter, no overlap
+        assert t.overlap == 0 and all(n <= -(-t.numel // 4) for n in t.kept), t.name
+    ft3 = tmp_path / "ft3"
+    subprocess.run(["cp", "-r", str(ft1), str(ft3)], check=True)
+    with pytest.raises(StreamMergeError, match="do not support 'slices:'"):
+        remix_merge(out, tmp_path / "new", {str(ft1): 0.5})
+    with pytest.raises(StreamMergeError, match="do not support 'slices:'"):
+        add_model(out, tmp_path / "new2", ft3, 0.5)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()

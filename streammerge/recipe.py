@@ -139,6 +139,8 @@ class Recipe:
         """Model k's parameters for one tensor at layer position ``t`` (mergekit's rules).
 
         ValueError for a combination the method refuses (n > m under some filter)."""
+        if self.slices is not None:  # the slot's source and slice decide, not one model entry
+            raise RecipeError("slices: parameters come from streammerge.slices.tensor_params")
         e = self.models[k]
         values: dict[str, float | str | None] = {}
         for p in self.impl.spec.params:

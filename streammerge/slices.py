@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,15 +663,6 @@ def _config_of(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return cfg if isinstance(cfg, dict) else {}
-
-
-def layer_sources(layout: SliceLayout) -> Iterator[tuple[int, int, int]]:
-    """``(output layer, slice, offset in the slice)`` for every output layer, in order."""
-    j = 0
-    for si, s in enumerate(layout.slices):
-        for i in range(s.length):
-            yield j, si, i
-            j += 1
 
 
 def input_paths(recipe: Recipe) -> list[Path]:

@@ -513,3 +513,24 @@ def test_sparsifying_slices_merge_keeps_masks_inspect_works_remix_is_refused(sho
     with pytest.raises(StreamMergeError, match="do not support 'slices:'"):
         add_model(out, tmp_path / "new2", ft3, 0.5)
     assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [("slerp", {"t": [0.1, 0.9, 0.4]}), ("ties", {"weight": [1.0, 0.3], "density": 0.5})],
+)
+def test_one_slice_over_every_layer_is_the_models_recipe(short, tmp_path, method, params):
+    """mergekit turns ``models:`` into one such slice: the bytes must agree (shards and all)."""
+    base, fts = short
+    fts = fts[:1] if method == "slerp" else fts
+    common = {"merge_method": method, "base_model": str(base), "parameters": params}
+    models = parse_recipe({**common, "models": [{"model": str(f)} for f in fts]})
+    sliced = parse_recipe(
+        {**common, "slices": doc_slices([[(base, 0, 4), *((f, 0, 4) for f in fts)]])}
+    )
+    for name, recipe in (("m", models), ("s", sliced)):
+        run_merge(recipe, tmp_path / name, chunk_elems=200, max_memory=2**30)
+    shards = sorted(p.name for p in (tmp_path / "m").glob("model-*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "s").glob("model-*.safetensors"))
+    for s in shards:
+        assert (tmp_path / "m" / s).read_bytes() == (tmp_path / "s" / s).read_bytes(), s

@@ -28,7 +28,10 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
     base_ref = recipe.source.get("base_model")
     base_name = base_ref if isinstance(base_ref, str) else str(recipe.base)
     # A base-less merge (linear) has no base to name: the Hub reads a list of the merged models.
-    hub_base: str | list[str] = base_name if has_base else [m.name for m in recipe.models]
+    names = [m.name for m in recipe.models]
+    if recipe.slices is not None:  # the models themselves, not the slots they fill
+        names = list(dict.fromkeys(x.name for s in recipe.slices.slices for x in s.sources))
+    hub_base: str | list[str] = base_name if has_base else names
     front = yaml.safe_dump(
         {"base_model": hub_base, "library_name": "transformers", "tags": ["merge", "streammerge"]},
         sort_keys=False,
@@ -36,7 +39,7 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
     with_base = (
         f"with `{base_name}` as the base"
         if has_base
-        else f"without a base model (`{recipe.models[0].name}` gives the config and layout)"
+        else f"without a base model (`{names[0]}` gives the config and layout)"
     )
     merged = [t for t in plan.tensors if t.merged]
     first = merged[0] if merged else None
@@ -67,6 +70,16 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
     if first is not None and _varies(merged):
         lines += ["", f"Values shown are those of the first merged tensor (`{first.name}`); the "
                   "recipe sets some per tensor."]  # fmt: skip
+    if recipe.slices is not None:
+        lines += [
+            "",
+            "## Slices",
+            "",
+            "Output layers are numbered in slice order; embeddings "
+            "come with the first slice, the final norm and lm_head with the last.",
+            "",
+        ]
+        lines += [f"- {line}" for line in recipe.slices.describe()]
     densities = tadrop.get("densities") if tadrop else None
     if isinstance(densities, Mapping) and densities:
         lines += ["", "## TADrop", "",

@@ -351,6 +351,8 @@ def _print_plan(r: PlanReport, tensors: bool) -> None:
         f"tensors: {r.merged} merged, {r.copied} copied; {r.chunks} chunks of up to "
         f"{r.chunk_elems:,} elements; {r.shards} output shard(s)"
     )
+    for line in r.slices:
+        click.echo(line)
     click.echo(f"read: {format_size(r.bytes_read)}; write: {format_size(r.bytes_written)}")
     click.echo(
         f"peak RSS (predicted): {format_size(r.predicted_peak_rss)} "

@@ -54,6 +54,7 @@ from .results import RunSummary, TensorReport
 from .runtime import Lane, StopOnSignals, precompile_kernels, trim_heap, with_rss
 from .safetensors_io import FLOAT_DTYPES, ShardPlan, ShardWriter, tensor_bytes
 from .sampling import stored_densities, tadrop_densities
+from .slices import input_paths, open_inputs, real_folders
 
 if TYPE_CHECKING:
     from .methods import ModelParams
@@ -117,6 +118,8 @@ def run_merge(
     dev = resolve_device(opts.device, recipe.impl.spec)
     if replay is not None and dev.type != "cpu":
         raise StreamMergeError("remix and add run on the CPU; use --device cpu")
+    if replay is not None and recipe.slices is not None:
+        raise StreamMergeError("remix and add do not support 'slices:' merges")
     max_vram = opts.max_vram
     if dev.type == "cuda" and max_vram is None:
         max_vram = default_max_vram(dev)
@@ -125,7 +128,12 @@ def run_merge(
         raise StreamMergeError(
             "--executor ray runs `run` on the CPU, with masks in OUT_DIR's occupancy store"
         )
-    inputs = [recipe.base, *(m.path for m in recipe.models)]
+    if opts.executor == "ray" and (recipe.slices is not None or recipe.tokenizer is not None):
+        # workers open the input folders themselves, without the sliced or remapped views
+        raise StreamMergeError(
+            "--executor ray does not run 'slices:' or tokenizer recipes yet; run them locally"
+        )
+    inputs = input_paths(recipe)
     out.check_inputs(inputs + ([replay.source] if replay else []))
     check_model_files(recipe)
     state = out.inspect()
@@ -133,9 +141,12 @@ def run_merge(
     resumed = state.chunk_elems if state.kind == "interrupted" and not opts.restart else None
     try:
         with ExitStack() as opened:  # input folders are closed whatever happens
-            base = opened.enter_context(closing(ModelFolder(recipe.base)))
-            sources = replay.inputs(recipe) if replay else inputs[1:]
-            models = [opened.enter_context(closing(ModelFolder(p))) for p in sources]
+            if recipe.slices is not None:  # read by output tensor name, see slices.py
+                base, models = open_inputs(recipe, opened)  # type: ignore[assignment]
+            else:
+                base = opened.enter_context(closing(ModelFolder(recipe.base)))
+                sources = replay.inputs(recipe) if replay else inputs[1:]
+                models = [opened.enter_context(closing(ModelFolder(p))) for p in sources]
             method: Method = recipe.impl
             old_attrs = None
             if replay is not None:
@@ -154,12 +165,17 @@ def run_merge(
             if replay is None and dev.type == "cpu":
                 precompile_kernels(plan, base, models, verbose=opts.progress)
             cluster = None
+            if opts.executor == "ray" and tok_out is not None:
+                raise StreamMergeError(
+                    "--executor ray does not remap vocabularies yet (the inputs' vocabularies "
+                    "differ); run this merge locally"
+                )
             if opts.executor == "ray":  # reach the cluster (and check it fits) before claiming
                 from .ray_executor import RayCluster
 
                 cluster = opened.enter_context(RayCluster(opts.ray_address, plan))
             # the digest excludes TADrop's densities: they follow from the inputs and recipe
-            digest = plan_digest(plan, [base, *models], old_attrs)
+            digest = plan_digest(plan, real_folders([base, *models]), old_attrs)
             if (vocab := tokenizer.vocab_digest(tok_out)) is not None:
                 digest["vocab"] = vocab  # the row mapping follows the inputs' tokenizers
             if state.kind == "finished" and not opts.force:

@@ -193,7 +193,7 @@ def inspect_merge(out_dir: Path | str, *, use_inputs: bool = True) -> MergeRepor
         out_dir=out_dir,
         method=method,
         overlap_policy=policy,
-        models=tuple(Path(m["path"]).name for m in models),
+        models=tuple(_model_label(m, "slices" in (attrs.get("recipe") or {})) for m in models),
         tensors=tuple(rows),
         layers=layers,
         total=total,
@@ -219,6 +219,13 @@ def _mask_names(store: ZarrMaskStore, out_dir: Path) -> list[str]:
     return sorted(stored)
 
 
+def _model_label(model: dict[str, Any], sliced: bool) -> str:
+    """A model's folder name; a slices merge's slot: the folder names of the models in it."""
+    if sliced:
+        return " + ".join(Path(x).name for x in str(model["name"]).split(" + "))
+    return Path(model["path"]).name
+
+
 def _inputs_recipe(attrs: dict[str, Any], use_inputs: bool) -> tuple[Recipe | None, str]:
     """The merge's recipe when the independent overlap can be computed, else why not."""
     method = METHODS.get(attrs["method"])
@@ -226,6 +233,8 @@ def _inputs_recipe(attrs: dict[str, Any], use_inputs: bool) -> tuple[Recipe | No
         return None, "not applicable: independent n:m overlap is defined for n:m merges (CABS)"
     if not use_inputs:
         return None, "skipped (--no-inputs)"
+    if "slices" in (attrs.get("recipe") or {}):
+        return None, "not available for 'slices:' merges"
     from .remix import stored_recipe_doc
 
     paths = [attrs.get("base", ""), *(m["path"] for m in attrs["models"])]

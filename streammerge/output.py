@@ -43,6 +43,7 @@ from .journal import (
 from .mask_store import STORE_NAME, MaskStore
 from .memory import format_size
 from .safetensors_io import atomic_write_text, write_index
+from .slices import output_config
 
 if TYPE_CHECKING:
     from .model import ModelFolder
@@ -524,7 +525,9 @@ def check_model_files(recipe: Recipe) -> None:
         try:
             data = src.read_bytes()
             if name in JSON_FILES:
-                json.loads(data)
+                cfg = json.loads(data)
+                if name == "config.json" and recipe.slices is not None and isinstance(cfg, dict):
+                    output_config(recipe, cfg)  # a layer list that cannot follow: now
         except OSError as e:
             raise InputError(f"{src}: cannot read: {e.strerror}") from None
         except ValueError as e:
@@ -537,12 +540,15 @@ def _copy_model_files(recipe: Recipe, out_dir: Path) -> None:
         src = recipe.base / name
         if not src.is_file():
             continue
-        if name == "config.json" and recipe.out_dtype is not None:
+        if name == "config.json" and (recipe.out_dtype is not None or recipe.slices is not None):
             cfg = json.loads(src.read_text())
-            dtype_name = str(recipe.out_dtype).removeprefix("torch.")
-            for key in ("torch_dtype", "dtype"):
-                if key in cfg:
-                    cfg[key] = dtype_name
+            if recipe.out_dtype is not None:
+                dtype_name = str(recipe.out_dtype).removeprefix("torch.")
+                for key in ("torch_dtype", "dtype"):
+                    if key in cfg:
+                        cfg[key] = dtype_name
+            if recipe.slices is not None:  # layer count and per-layer lists follow the slices
+                cfg = output_config(recipe, cfg)
             atomic_write_text(out_dir / name, json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copyfile(src, out_dir / name)

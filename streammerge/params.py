@@ -190,6 +190,15 @@ def layer_index(tensor: str) -> int | None:
     return None if m is None else int(m.group(1))
 
 
+def with_layer_index(tensor: str, index: int) -> str:
+    """``tensor``'s name with its layer index (the segment :func:`layer_index` reads) replaced
+    by ``index``; a non-layer name is returned unchanged."""
+    m = _LAYER.search(tensor)
+    if m is None:
+        return tensor
+    return f"{tensor[: m.start(1)]}{index}{tensor[m.end(1) :]}"
+
+
 def num_layers(tensor_names: Iterable[str]) -> int:
     """1 + the largest layer index among ``tensor_names``; 0 when none is a layer tensor."""
     return 1 + max((i for n in tensor_names if (i := layer_index(n)) is not None), default=-1)

@@ -21,6 +21,8 @@ from .model import ModelFolder, check_compatible
 from .params import layer_t, num_layers
 from .recipe import Recipe
 from .safetensors_io import ITEMSIZE, TORCH_TO_ST, ShardPlan, plan_shards
+from .slices import SlicedFolder
+from .slices import tensor_params as sliced_params
 
 Densities = Mapping[tuple[int, str], float]
 """TADrop's per-(model index, tensor name) densities."""
@@ -83,8 +85,8 @@ def layer_positions(names: list[str]) -> dict[str, float]:
 
 def build_plan(
     recipe: Recipe,
-    base: ModelFolder,
-    models: list[ModelFolder],
+    base: ModelFolder | SlicedFolder,
+    models: list[ModelFolder] | list[SlicedFolder],
     max_memory: int,
     shard_size: int,
     chunk_elems: int | None = None,
@@ -95,8 +97,10 @@ def build_plan(
     ``chunk_elems`` overrides the budget-derived chunk length (tests use it to split tensors
     at awkward places; a resume uses the interrupted run's); it is still rounded to each
     tensor's alignment. ``vram`` (bytes) plans for the GPU (see :func:`decide_chunk`).
+    A ``slices:`` recipe passes the roles of :func:`streammerge.slices.open_inputs`: tensors
+    are then the output's, and parameters follow each tensor's slice.
     """
-    check_compatible(base, models)
+    check_compatible(base, models)  # type: ignore[arg-type]  # sliced roles duck-type folders
     method = recipe.impl
     itemsize = torch.empty(0, dtype=recipe.dtype).element_size()
     k = len(models)
@@ -111,7 +115,10 @@ def build_plan(
                           max(1, budget.chunk_elems), -1, info.nbytes)  # fmt: skip
         if info.is_float and not recipe.excluded(name):
             try:
-                params, options = tensor_params(recipe, name, positions[name])
+                if isinstance(base, SlicedFolder):
+                    params, options = sliced_params(recipe, base.routes[name], name)
+                else:
+                    params, options = tensor_params(recipe, name, positions[name])
             except ValueError as e:  # a resolved value out of range (e.g. n > m under a filter)
                 raise RecipeError(f"tensor {name}: {e}") from e
             task = _merged(task, recipe, budget.chunk_elems, params, options, k)

@@ -38,6 +38,7 @@ from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipe
 from .runtime import precompile_kernels
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE
+from .slices import input_paths, open_inputs
 
 CALIBRATION_ELEMS = 2**20
 """Elements per timed chunk (fewer if the plan's chunks are smaller)."""
@@ -117,6 +118,8 @@ class PlanReport:
     vocabulary: str | None = None
     """The output vocabulary and remapped tensors, when the recipe builds a tokenizer, sets a
     chat template or the inputs' vocabularies differ (None: the base's, unchanged)."""
+    slices: tuple[str, ...] = ()
+    """A ``slices:`` recipe's layout, one line per slice (empty for ``models:``)."""
 
     @property
     def merged(self) -> int:
@@ -163,7 +166,7 @@ def describe_plan(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(Path(recipe))
     out = OutputFolder(Path(out_dir))
-    out.check_inputs([recipe.base, *(m.path for m in recipe.models)])
+    out.check_inputs(input_paths(recipe))
     check_model_files(recipe)
     dev = resolve_device(opts.device, recipe.impl.spec)
     max_vram = opts.max_vram
@@ -183,8 +186,11 @@ def describe_plan(
     if recipe.tadrop:
         warnings.append("TADrop densities are decided by a sampling pass when the merge runs")
     with ExitStack() as opened:
-        base = opened.enter_context(closing(ModelFolder(recipe.base)))
-        models = [opened.enter_context(closing(ModelFolder(m.path))) for m in recipe.models]
+        if recipe.slices is not None:  # read by output tensor name, see slices.py
+            base, models = open_inputs(recipe, opened)  # type: ignore[assignment]
+        else:
+            base = opened.enter_context(closing(ModelFolder(recipe.base)))
+            models = [opened.enter_context(closing(ModelFolder(m.path))) for m in recipe.models]
         base, models, tok_out = tokenizer.prepare(recipe, base, models)  # as run_merge does
         if tok_out is not None:
             warnings += tok_out.warnings
@@ -228,6 +234,7 @@ def describe_plan(
             stats=recipe.impl.spec.stats,
             warnings=tuple(warnings),
             vocabulary=tok_out.describe() if tok_out is not None else None,
+            slices=tuple(recipe.slices.describe()) if recipe.slices is not None else (),
         )
 
 

@@ -34,6 +34,7 @@ from .methods import MERGEKIT_METHODS, METHODS
 from .methods.base import Method, MethodOptions, ModelParams
 from .methods.spec import MethodSpec, Param
 from .params import Gradient, ParamValue, parse_value, resolve
+from .slices import SliceLayout, parse_slices
 from .tokenizer import TokenizerConfig, parse_tokenizer
 
 DTYPES: dict[str, torch.dtype] = {
@@ -52,11 +53,11 @@ _DTYPE_ALIASES = {
     "double": "float64",
 }
 
-TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-             "pruning_order", "exclude", "tokenizer_source", "tokenizer",
+TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
+             "out_dtype", "pruning_order", "exclude", "tokenizer_source", "tokenizer",
              "chat_template"}  # fmt: skip
 IGNORED_MERGEKIT = {"name"}
-UNSUPPORTED_MERGEKIT = {"slices", "modules"}
+UNSUPPORTED_MERGEKIT = {"modules"}
 
 
 def _method(name: object) -> Method:
@@ -122,6 +123,9 @@ class Recipe:
     """The recipe file's text as written ("" when parsed from a mapping), for the model card."""
     tokenizer: TokenizerConfig | None = None
     """``tokenizer_source`` / ``tokenizer:`` / ``chat_template`` (None: the base's files)."""
+    slices: SliceLayout | None = None
+    """A ``slices:`` recipe's layout (:mod:`streammerge.slices`); then ``models`` holds one
+    entry per model slot and ``base`` is the folder giving config.json and tokenizer."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -141,6 +145,8 @@ class Recipe:
         """Model k's parameters for one tensor at layer position ``t`` (mergekit's rules).
 
         ValueError for a combination the method refuses (n > m under some filter)."""
+        if self.slices is not None:  # the slot's source and slice decide, not one model entry
+            raise RecipeError("slices: parameters come from streammerge.slices.tensor_params")
         e = self.models[k]
         values: dict[str, float | str | None] = {}
         for p in self.impl.spec.params:
@@ -247,7 +253,9 @@ def parse_recipe(
     warnings: list[str] = []
     _string_keys(doc, "the recipe")
     for key in UNSUPPORTED_MERGEKIT & set(doc):
-        raise RecipeError(f"'{key}:' recipes are not supported; use 'models:'")
+        raise RecipeError(f"'{key}:' recipes are not supported; use 'models:' or 'slices:'")
+    if "slices" in doc and "models" in doc:
+        raise RecipeError("give either 'models:' or 'slices:', not both (as mergekit requires)")
     unknown = sorted(set(doc) - TOP_LEVEL - IGNORED_MERGEKIT)
     if unknown:
         warnings.append(f"unknown recipe keys ignored: {', '.join(unknown)}")
@@ -259,16 +267,6 @@ def parse_recipe(
     spec = impl.spec
     method = spec.name
     per_model, global_only = spec.per_model, spec.global_only
-    if "base_model" not in doc and not (not spec.needs_base and doc.get("models")):
-        raise RecipeError(f"{method} needs a base_model")
-    raw_models = doc.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise RecipeError("'models' must be a non-empty list")
-    # without a base (linear) the first model provides the config and the tensor layout
-    first = raw_models[0].get("model") if isinstance(raw_models[0], dict) else raw_models[0]
-    base_ref = _model_ref(doc.get("base_model", first), "base_model")
-    base = _resolve(base_ref, recipe_dir, "base_model")
-
     gparams = doc.get("parameters") or {}
     if not isinstance(gparams, dict):
         raise RecipeError("'parameters' must be a mapping")
@@ -290,6 +288,17 @@ def parse_recipe(
             strings[key] = value
         else:
             settings[key] = _setting(param, key, value, "parameters")
+    if "slices" in doc:
+        return _sliced_recipe(doc, impl, recipe_dir, settings, strings, warnings)
+    if "base_model" not in doc and not (not spec.needs_base and doc.get("models")):
+        raise RecipeError(f"{method} needs a base_model")
+    raw_models = doc.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise RecipeError("'models' must be a non-empty list")
+    # without a base (linear) the first model provides the config and the tensor layout
+    first = raw_models[0].get("model") if isinstance(raw_models[0], dict) else raw_models[0]
+    base_ref = _model_ref(doc.get("base_model", first), "base_model")
+    base = _resolve(base_ref, recipe_dir, "base_model")
     for param in spec.params:
         if param.required and not param.per_model and param.name not in settings:
             raise RecipeError(
@@ -373,6 +382,57 @@ def parse_recipe(
         source=dict(doc),
         warnings=tuple(warnings),
     )
+
+
+def _sliced_recipe(
+    doc: Mapping[str, Any],
+    impl: Method,
+    recipe_dir: Path,
+    settings: dict[str, ParamValue],
+    strings: dict[str, str],
+    warnings: list[str],
+) -> Recipe:
+    """A ``slices:`` recipe (:mod:`streammerge.slices`): ``models`` are the model slots, the
+    base is the top-level ``base_model`` or else the first slice's first source."""
+    for key in ("pruning_order", "exclude", "tokenizer_source", "tokenizer", "chat_template"):
+        if doc.get(key):
+            raise RecipeError(f"'{key}' is not supported with 'slices:' yet")
+    base_ref = doc.get("base_model")
+    base_ref = None if base_ref is None else _model_ref(base_ref, "base_model")
+    layout = parse_slices(
+        doc["slices"],
+        base_ref,
+        impl.spec,
+        resolve_model=lambda ref, where: _resolve(ref, recipe_dir, where),
+        model_ref=_model_ref,
+        setting=_setting,
+        check_count=_check_model_count,
+        global_settings=settings,
+        warnings=warnings,
+    )
+    if base_ref is not None:
+        base = _resolve(base_ref, recipe_dir, "base_model")
+    else:
+        base = layout.slices[0].sources[0].path
+    slots = tuple(
+        ModelEntry(name, layout.slices[0].models()[k].path)
+        for k, name in enumerate(layout.slot_names())
+    )
+    recipe = Recipe(
+        method=impl.spec.name,
+        base=base,
+        models=slots,
+        settings=settings,
+        strings=strings,
+        dtype=_dtype(doc.get("dtype", "float32"), "dtype"),
+        out_dtype=None if doc.get("out_dtype") is None else _dtype(doc["out_dtype"], "out_dtype"),
+        source=dict(doc),
+        warnings=tuple(warnings),
+        slices=layout,
+    )
+    if recipe.tadrop:
+        raise RecipeError("TADrop ('tadrop') is not supported with 'slices:'")
+    return recipe
 
 
 def _string_keys(mapping: Mapping[Any, Any], where: str) -> None:

@@ -74,6 +74,8 @@ def stored_recipe_doc(attrs: Mapping[str, Any]) -> dict[str, Any]:
     the resolved base; ``pruning_order`` is dropped (``models`` is already in that order).
     """
     source = dict(attrs["recipe"])
+    if "slices" in source:  # the store's model slots do not say which layers fed them
+        raise StreamMergeError("remix and add do not support 'slices:' merges")
     own: dict[str, dict[str, Any]] = {}
     for item in source.get("models") or []:
         ref = item.get("model") if isinstance(item, dict) else item

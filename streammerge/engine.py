@@ -115,7 +115,7 @@ def run_merge(
         max_vram = default_max_vram(dev)
     inputs = [recipe.base, *(m.path for m in recipe.models)]
     out.check_inputs(inputs + ([replay.source] if replay else []))
-    check_model_files(recipe)
+    files = check_model_files(recipe, opts.copy_tokenizer)
     state = out.inspect()
     # a resume must cut the tensors into the interrupted run's chunks
     resumed = state.chunk_elems if state.kind == "interrupted" and not opts.restart else None
@@ -132,8 +132,10 @@ def run_merge(
                 method = ReplayMethod(recipe.impl, old_store.read_range, replay.add)
             plan = build_plan(recipe, base, models, opts.max_memory or default_max_memory(),
                               opts.shard_size, opts.chunk_elems or resumed, max_vram)  # fmt: skip
+            compiling = time.perf_counter()
             if replay is None and dev.type == "cpu":
-                precompile_kernels(plan, base, models, verbose=opts.progress)
+                precompile_kernels(plan, base, models, verbose=not opts.quiet)
+            compiling = time.perf_counter() - compiling  # not merge time: once per kernel set
             # the digest excludes TADrop's densities: they follow from the inputs and recipe
             digest = plan_digest(plan, [base, *models], old_attrs)
             if state.kind == "finished" and not opts.force:
@@ -174,7 +176,7 @@ def run_merge(
                     tensors=len(plan.tensors),
                     bytes_read=plan.bytes_read,
                     bytes_written=plan.bytes_written,
-                    seconds=time.perf_counter() - t0,
+                    seconds=time.perf_counter() - t0 - compiling,
                     peak_rss=peak_rss(),
                     peak_anon_rss=sampler.peak_anon,
                     chunk_elems=plan.budget.chunk_elems,
@@ -185,12 +187,14 @@ def run_merge(
                     resumed_chunks=scheduler.skipped,
                     total_chunks=sum(len(t.chunks()) for t in plan.tensors),
                     repaired=tuple(repaired),
+                    files=tuple(files),
+                    compile_seconds=compiling,
                 )
                 card = model_card(recipe, plan, tadrop, claim.started)
                 shards = {sp.filename: claim.done.shard_sha256[i]
                           for i, sp in enumerate(plan.shards)}  # fmt: skip
                 record = marker(recipe, summary, tadrop, digest, shards, store_digest(out.path))
-                claim.finalize(recipe, plan, card, record)
+                claim.finalize(recipe, plan, card, record, opts.copy_tokenizer)
                 return summary
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -31,6 +31,10 @@ class MergeOptions:
     """``cpu``, ``cuda`` or ``auto``; the bytes are the same either way."""
     max_vram: int | None = None
     """Peak GPU memory budget; None: 90% of the free VRAM."""
+    copy_tokenizer: bool = True
+    """Copy the base's tokenizer files (and chat template) into the output."""
+    quiet: bool = False
+    """No notices on stderr (the kernel-compile notice); warnings and errors still go there."""
 
     def __post_init__(self) -> None:
         for name in ("max_memory", "max_vram", "chunk_elems"):

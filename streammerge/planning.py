@@ -34,7 +34,7 @@ from .methods import TensorId
 from .model import ModelFolder, read_chunks
 from .options import MergeOptions
 from .output import OutputFolder, check_model_files
-from .plan import MergePlan, TensorTask, build_plan
+from .plan import MergePlan, TensorTask, build_plan, dtype_summary
 from .recipe import Recipe, load_recipe
 from .runtime import precompile_kernels
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE
@@ -113,6 +113,8 @@ class PlanReport:
     """Accelerator memory, bytes: the largest chunk's VRAM bound; None on the CPU."""
     stats: tuple[str, ...] = ()
     """What the method's statistics passes reduce (empty: chunk-local)."""
+    dtypes: str = ""
+    """Output and compute dtypes (``output bfloat16 (dtype), compute float32``)."""
     warnings: tuple[str, ...] = ()
 
     @property
@@ -220,6 +222,7 @@ def describe_plan(
             device=dev.type,
             predicted_peak_vram=_predict_vram(plan) if dev.type == "cuda" else None,
             stats=recipe.impl.spec.stats,
+            dtypes=dtype_summary(plan),
             warnings=tuple(warnings),
         )
 

@@ -114,7 +114,7 @@ def _flags(fn: Any) -> Any:
 @click.option("--force", is_flag=True, help="streammerge: replace a finished merge.")
 @click.option("--allow-nonfinite", is_flag=True, help="streammerge: merge NaN/Inf values.")
 @_user_errors
-def main(config_file: Path, out_path: Path, **flags: Any) -> None:  # fmt: skip
+def main(config_file: Path, out_path: Path, **flags: Any) -> None:
     """Merge CONFIG_FILE into OUT_PATH, taking mergekit-yaml's command line.
 
     A drop-in for `mergekit-yaml CONFIG OUT [flags]`: the same recipe and flags, streamed

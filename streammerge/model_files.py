@@ -40,6 +40,20 @@ def wanted(name: str, tokenizer: bool = True) -> bool:
     return any(fnmatchcase(name, p) for p in OTHERS)
 
 
+CODE_PREFIXES = ("modeling_", "configuration_", "tokenization_", "processing_",
+                 "image_processing_", "feature_extraction_", "video_processing_")  # fmt: skip
+"""Names transformers gives custom code: a folder holding only such files may be our output."""
+
+
+def looks_copied(name: str) -> bool:
+    """Whether a file in an output folder without a journal may be one a run copied: a
+    loader's file, but not any ``*.py`` (a project folder's ``train.py`` is not ours to
+    delete on ``--restart``)."""
+    if name.endswith(".py") and not name.startswith(CODE_PREFIXES):
+        return False
+    return wanted(name)
+
+
 def is_json(name: str) -> bool:
     return any(fnmatchcase(name, p) for p in JSON_NAMES)
 

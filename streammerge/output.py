@@ -42,7 +42,7 @@ from .journal import (
 )
 from .mask_store import STORE_NAME, MaskStore
 from .memory import format_size
-from .model_files import WITH_DTYPE, is_json, model_files, wanted
+from .model_files import WITH_DTYPE, is_json, looks_copied, model_files, wanted
 from .platform import current
 from .safetensors_io import atomic_write_text, write_index
 
@@ -466,7 +466,7 @@ def _ours(name: str) -> bool:
     """Whether a file name in OUT_DIR is one a streammerge run writes."""
     return (
         name in OUR_FILES
-        or wanted(name.removesuffix(".partial"))
+        or looks_copied(name.removesuffix(".partial"))
         or name == STORE_NAME
         or re.fullmatch(r"model-\d+-of-\d+\.safetensors(\.partial)?", name) is not None
     )

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_family
 
-from streammerge import InputError, parse_recipe, run_merge
+from streammerge import InputError, StreamMergeError, parse_recipe, run_merge
 from streammerge.cli import main
 
 NEEDED = {
@@ -139,3 +139,13 @@ def test_force_replaces_copied_files_that_the_base_no_longer_has(family, tmp_pat
     (base / "rotary.py").unlink()
     run_merge(parse_recipe(recipe(base, fts)), tmp_path / "out", force=True)
     assert out_files(tmp_path / "out") == set(NEEDED) - {"rotary.py"}
+
+
+def test_a_folder_with_someone_elses_code_is_not_taken_for_an_output(family, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "train.py").write_text("print('mine')")
+    (out / "tokenizer.json").write_text("{}")
+    with pytest.raises(StreamMergeError, match="train.py"):
+        run_merge(parse_recipe(recipe(*family)), out, restart=True)
+    assert (out / "train.py").read_text() == "print('mine')"

@@ -146,6 +146,6 @@ def test_a_folder_with_someone_elses_code_is_not_taken_for_an_output(family, tmp
     out.mkdir()
     (out / "train.py").write_text("print('mine')")
     (out / "tokenizer.json").write_text("{}")
-    with pytest.raises(StreamMergeError, match="train.py"):
+    with pytest.raises(StreamMergeError, match=r"train\.py"):
         run_merge(parse_recipe(recipe(*family)), out, restart=True)
     assert (out / "train.py").read_text() == "print('mine')"

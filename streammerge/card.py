@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from . import __version__
+from .plan import dtype_summary
 
 if TYPE_CHECKING:
     from .plan import MergePlan, TensorTask
@@ -52,8 +53,7 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
         f"`{recipe.method}` method, {with_base}.",
         "",
         f"- tensors: {len(merged)} merged, {len(plan.tensors) - len(merged)} copied from the base",
-        f"- compute dtype: `{_dtype(recipe.dtype)}`; output dtype: "
-        + (f"`{_dtype(recipe.out_dtype)}`" if recipe.out_dtype else "as in the base"),
+        f"- dtypes: {dtype_summary(plan)}",
     ]
     if recipe.exclude:
         excluded = ", ".join(f"`{p}`" for p in recipe.exclude)
@@ -96,10 +96,6 @@ def model_card(recipe: Recipe, plan: MergePlan, tadrop: Mapping[str, object], da
     text = recipe.text or yaml.safe_dump(dict(recipe.source), sort_keys=False)
     lines += ["", "## Recipe", "", "```yaml", text.rstrip("\n"), "```", ""]
     return "\n".join(lines)
-
-
-def _dtype(d: object) -> str:
-    return str(d).removeprefix("torch.")
 
 
 def _varies(tasks: Sequence[TensorTask]) -> bool:

@@ -80,7 +80,8 @@ class _Commands(click.Group):
         if name not in self.commands and (name.endswith((".yaml", ".yml")) or Path(name).is_file()):
             rest = " ".join(args[1:2]) or "OUT_DIR"
             raise click.UsageError(
-                f"{name!r} is not a command; to merge a recipe run: streammerge run {name} {rest}",
+                f"{name!r} is not a command; to merge a recipe run: streammerge run {name} {rest}"
+                f" (or, with mergekit-yaml's flags: streammerge-yaml {name} {rest})",
                 ctx,
             )
         return super().resolve_command(ctx, args)
@@ -219,6 +220,7 @@ def run(
             max_vram=max_vram,
             executor=executor,
             ray_address=ray_address,
+            quiet=quiet,
         )
         on_tensor = None if log is None else functools.partial(_log_tensor, log)
         summary = run_merge(parsed, out_dir, options, on_tensor=on_tensor)
@@ -351,6 +353,7 @@ def _print_plan(r: PlanReport, tensors: bool) -> None:
         f"tensors: {r.merged} merged, {r.copied} copied; {r.chunks} chunks of up to "
         f"{r.chunk_elems:,} elements; {r.shards} output shard(s)"
     )
+    click.echo(f"dtypes: {r.dtypes}")
     for line in r.slices:
         click.echo(line)
     click.echo(f"read: {format_size(r.bytes_read)}; write: {format_size(r.bytes_written)}")
@@ -400,6 +403,10 @@ def _print_summary(s: RunSummary) -> None:
         f"peak RSS {format_size(s.peak_rss)} (anonymous {format_size(s.peak_anon_rss)}); "
         f"output: {s.out_dir}"
     )
+    if s.compile_seconds >= 0.05:
+        click.echo(f"kernels compiled in {s.compile_seconds:.1f} s first (not in the time above)")
+    if s.files:
+        click.echo(f"copied from the base: {', '.join(s.files)}")
     if s.resumed_chunks:
         click.echo(f"resumed: {s.resumed_chunks} chunks of {s.total_chunks} were already done")
     if s.kept and s.merged_elems:

@@ -135,7 +135,7 @@ def run_merge(
         )
     inputs = input_paths(recipe)
     out.check_inputs(inputs + ([replay.source] if replay else []))
-    check_model_files(recipe)
+    files = check_model_files(recipe, opts.copy_tokenizer)
     state = out.inspect()
     # a resume must cut the tensors into the interrupted run's chunks
     resumed = state.chunk_elems if state.kind == "interrupted" and not opts.restart else None
@@ -162,8 +162,10 @@ def run_merge(
                 recipe = replace(recipe, warnings=recipe.warnings + tok_out.warnings)
             plan = build_plan(recipe, base, models, opts.max_memory or default_max_memory(),
                               opts.shard_size, opts.chunk_elems or resumed, max_vram)  # fmt: skip
+            compiling = time.perf_counter()
             if replay is None and dev.type == "cpu":
-                precompile_kernels(plan, base, models, verbose=opts.progress)
+                precompile_kernels(plan, base, models, verbose=not opts.quiet)
+            compiling = time.perf_counter() - compiling  # not merge time: once per kernel set
             cluster = None
             if opts.executor == "ray" and tok_out is not None:
                 raise StreamMergeError(
@@ -225,7 +227,7 @@ def run_merge(
                     tensors=len(plan.tensors),
                     bytes_read=plan.bytes_read,
                     bytes_written=plan.bytes_written,
-                    seconds=time.perf_counter() - t0,
+                    seconds=time.perf_counter() - t0 - compiling,
                     peak_rss=peak_rss(),
                     peak_anon_rss=sampler.peak_anon,
                     chunk_elems=plan.budget.chunk_elems,
@@ -236,12 +238,14 @@ def run_merge(
                     resumed_chunks=scheduler.skipped,
                     total_chunks=sum(len(t.chunks()) for t in plan.tensors),
                     repaired=tuple(repaired),
+                    files=tuple(files),
+                    compile_seconds=compiling,
                 )
                 card = model_card(recipe, plan, tadrop, claim.started)
                 shards = {sp.filename: claim.done.shard_sha256[i]
                           for i, sp in enumerate(plan.shards)}  # fmt: skip
                 record = marker(recipe, summary, tadrop, digest, shards, store_digest(out.path))
-                claim.finalize(recipe, plan, card, record,
+                claim.finalize(recipe, plan, card, record, opts.copy_tokenizer,
                                tok_out.write if tok_out is not None else None)  # fmt: skip
                 return summary
     except OSError as e:

@@ -36,6 +36,10 @@ class MergeOptions:
     ray_address: str | None = None
     """The Ray cluster to join (``HOST:PORT`` or ``auto``); None: ``RAY_ADDRESS`` or a new
     local instance."""
+    copy_tokenizer: bool = True
+    """Copy the base's tokenizer files (and chat template) into the output."""
+    quiet: bool = False
+    """No notices on stderr (the kernel-compile notice); warnings and errors still go there."""
 
     def __post_init__(self) -> None:
         for name in ("max_memory", "max_vram", "chunk_elems"):

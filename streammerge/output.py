@@ -44,6 +44,8 @@ from .journal import (
 )
 from .mask_store import STORE_NAME, MaskStore
 from .memory import format_size
+from .model_files import WITH_DTYPE, is_json, looks_copied, model_files, wanted
+from .platform import current
 from .safetensors_io import atomic_write_text, write_index
 from .slices import output_config
 
@@ -56,21 +58,8 @@ if TYPE_CHECKING:
 COMPLETE_MARKER = "streammerge.json"
 """Written last: its presence means the output folder is complete."""
 INDEX_NAME = "model.safetensors.index.json"
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""Files copied from the base (``config.json`` with the output dtype when one is set)."""
-OUR_FILES = (INDEX_NAME, COMPLETE_MARKER, INCOMPLETE, CARD_NAME, *COPIED_FILES)
+OUR_FILES = (INDEX_NAME, COMPLETE_MARKER, INCOMPLETE, CARD_NAME)
+"""What a run writes besides the shards, the store and the base's files (``model_files``)."""
 INCOMPLETE_TEXT = (
     "This merge is not finished. Run the same `streammerge` command (run, remix or add) again\n"
     "to resume it; streammerge.json appears when the output is complete.\n"
@@ -260,6 +249,9 @@ class OutputFolder:
             p.unlink()
         for name in OUR_FILES:
             (self.path / name).unlink(missing_ok=True)
+        for p in self.path.iterdir():  # files copied from a base (which may have changed)
+            if wanted(p.name) and (p.is_file() or p.is_symlink()):
+                p.unlink()
         shutil.rmtree(self.path / STORE_NAME, ignore_errors=True)
         for p in (self.path / STATE_DIR).glob("journal*"):
             p.unlink()
@@ -304,11 +296,12 @@ class Claim:
         plan: MergePlan,
         card: str,
         marker: Mapping,
+        copy_tokenizer: bool = True,
         extra: Callable[[Path], None] | None = None,
     ) -> None:
         """Files from the base (then ``extra(OUT_DIR)``: the built tokenizer, the chat
         template), the index and the card; then the completion marker, last."""
-        _copy_model_files(recipe, self.path)
+        copy_model_files(recipe, self.path, copy_tokenizer)
         if extra is not None:
             extra(self.path)
         write_index(self.path, plan.shards, {"streammerge_version": __version__})
@@ -482,6 +475,7 @@ def _ours(name: str) -> bool:
     """Whether a file name in OUT_DIR is one a streammerge run writes."""
     return (
         name in OUR_FILES
+        or looks_copied(name.removesuffix(".partial"))
         or name == STORE_NAME
         or re.fullmatch(r"model-\d+-of-\d+\.safetensors(\.partial)?", name) is not None
     )
@@ -504,55 +498,60 @@ def _existing(path: Path) -> Path:
     return path
 
 
-JSON_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "chat_template.json",
-)
-"""Copied files that must parse as JSON (checked before any heavy work)."""
-
-
-def check_model_files(recipe: Recipe) -> None:
-    """The files a merge will copy from the base must be readable, and the JSON ones valid:
-    found before the merge rather than at finalize, after all the work."""
-    for name in COPIED_FILES:
-        src = recipe.base / name
+def check_model_files(recipe: Recipe, copy_tokenizer: bool = True) -> list[str]:
+    """The files a merge will copy from the base (their names, sorted) must be readable, and
+    the JSON ones valid: found before the merge rather than at finalize, after all the work."""
+    names = []
+    for src in model_files(recipe.base, copy_tokenizer):
         if src.is_symlink() and not src.exists():
             raise InputError(f"{src}: a broken link")
         if not src.is_file():
             continue
         try:
-            data = src.read_bytes()
-            if name in JSON_FILES:
-                cfg = json.loads(data)
-                if name == "config.json" and recipe.slices is not None and isinstance(cfg, dict):
+            if is_json(src.name):
+                cfg = json.loads(src.read_bytes())
+                if (
+                    src.name == "config.json"
+                    and recipe.slices is not None
+                    and isinstance(cfg, dict)
+                ):
                     output_config(recipe, cfg)  # a layer list that cannot follow: now
+            else:
+                with src.open("rb"):
+                    pass
         except OSError as e:
             raise InputError(f"{src}: cannot read: {e.strerror}") from None
         except ValueError as e:
             raise InputError(f"{src}: invalid JSON ({e})") from None
+        names.append(src.name)
+    return names
 
 
-def _copy_model_files(recipe: Recipe, out_dir: Path) -> None:
-    """Copy config, generation config and tokenizer files from the base."""
-    for name in COPIED_FILES:
-        src = recipe.base / name
+def copy_model_files(recipe: Recipe, out_dir: Path, copy_tokenizer: bool = True) -> list[str]:
+    """Copy what loading needs from the base (:mod:`.model_files`), ``config.json`` with the
+    output dtype; returns the names copied. Each file is written under a temporary name and
+    renamed, so a link already at the destination is replaced, never written through."""
+    copied = []
+    for src in model_files(recipe.base, copy_tokenizer):
         if not src.is_file():
             continue
-        if name == "config.json" and (recipe.out_dtype is not None or recipe.slices is not None):
+        dst = out_dir / src.name
+        if src.name == WITH_DTYPE and (recipe.out_dtype is not None or recipe.slices is not None):
             cfg = json.loads(src.read_text())
             if recipe.out_dtype is not None:
                 dtype_name = str(recipe.out_dtype).removeprefix("torch.")
-                for key in ("torch_dtype", "dtype"):
-                    if key in cfg:
-                        cfg[key] = dtype_name
+                # as mergekit: the config names the output dtype. transformers 5 writes "dtype",
+                # 4.x "torch_dtype" (both read either); a config with neither gets 4.x's key
+                keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+                for key in keys:
+                    cfg[key] = dtype_name
             if recipe.slices is not None:  # layer count and per-layer lists follow the slices
                 cfg = output_config(recipe, cfg)
-            atomic_write_text(out_dir / name, json.dumps(cfg, indent=2) + "\n")
+            atomic_write_text(dst, json.dumps(cfg, indent=2) + "\n")
         else:
-            shutil.copyfile(src, out_dir / name)
+            tmp = dst.with_name(dst.name + ".partial")
+            tmp.unlink(missing_ok=True)
+            shutil.copyfile(src, tmp)
+            current().replace(tmp, dst)
+        copied.append(src.name)
+    return copied

@@ -157,6 +157,23 @@ def _merged(
                    bytes_read=nbytes * (k + 1) * passes)  # fmt: skip
 
 
+def dtype_summary(plan: MergePlan) -> str:
+    """``output <dtype(s)> (<where from>), compute <dtype>`` for ``plan`` and the card."""
+    recipe = plan.recipe
+    names = sorted({FLOAT_NAMES[t.out_dtype] for t in plan.tensors if t.merged})
+    source = (
+        "as in the base"
+        if recipe.out_dtype is None
+        else ("out_dtype" if recipe.source.get("out_dtype") is not None else "dtype")
+    )
+    compute = str(recipe.dtype).removeprefix("torch.")
+    return f"output {', '.join(names) or '-'} ({source}), compute {compute}"
+
+
+FLOAT_NAMES = {st: str(dt).removeprefix("torch.") for dt, st in TORCH_TO_ST.items()}
+"""safetensors dtype string -> torch's name (``BF16`` -> ``bfloat16``)."""
+
+
 def with_densities(plan: MergePlan, densities: Densities) -> MergePlan:
     """The plan with TADrop's per-(model, tensor) densities applied to the merged tensors'
     parameters (the layout does not change)."""

@@ -34,7 +34,7 @@ from .methods import TensorId
 from .model import ModelFolder, read_chunks
 from .options import MergeOptions
 from .output import OutputFolder, check_model_files
-from .plan import MergePlan, TensorTask, build_plan
+from .plan import MergePlan, TensorTask, build_plan, dtype_summary
 from .recipe import Recipe, load_recipe
 from .runtime import precompile_kernels
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE
@@ -114,6 +114,8 @@ class PlanReport:
     """Accelerator memory, bytes: the largest chunk's VRAM bound; None on the CPU."""
     stats: tuple[str, ...] = ()
     """What the method's statistics passes reduce (empty: chunk-local)."""
+    dtypes: str = ""
+    """Output and compute dtypes (``output bfloat16 (dtype), compute float32``)."""
     warnings: tuple[str, ...] = ()
     vocabulary: str | None = None
     """The output vocabulary and remapped tensors, when the recipe builds a tokenizer, sets a
@@ -232,6 +234,7 @@ def describe_plan(
             device=dev.type,
             predicted_peak_vram=_predict_vram(plan) if dev.type == "cuda" else None,
             stats=recipe.impl.spec.stats,
+            dtypes=dtype_summary(plan),
             warnings=tuple(warnings),
             vocabulary=tok_out.describe() if tok_out is not None else None,
             slices=tuple(recipe.slices.describe()) if recipe.slices is not None else (),

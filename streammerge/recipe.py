@@ -54,8 +54,8 @@ _DTYPE_ALIASES = {
 }
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
-             "out_dtype", "pruning_order", "exclude", "tokenizer_source", "tokenizer",
-             "chat_template"}  # fmt: skip
+             "out_dtype", "compute_dtype", "pruning_order", "exclude", "tokenizer_source",
+             "tokenizer", "chat_template"}  # fmt: skip
 IGNORED_MERGEKIT = {"name"}
 UNSUPPORTED_MERGEKIT = {"modules"}
 
@@ -111,9 +111,9 @@ class Recipe:
     strings: Mapping[str, str] = field(default_factory=dict)
     """Top-level string parameters (``tail_policy``, ``overlap_policy``)."""
     dtype: torch.dtype = torch.float32
-    """Compute dtype."""
+    """Compute dtype (``compute_dtype``; see :func:`dtypes`), not the YAML's ``dtype``."""
     out_dtype: torch.dtype | None = None
-    """Output dtype; None keeps each tensor's base dtype."""
+    """Output dtype (``out_dtype``, else ``dtype``); None keeps each tensor's base dtype."""
     exclude: tuple[str, ...] = ()
     """Regexes (``re.search``) of tensor names copied from the base instead of merged."""
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -214,6 +214,18 @@ def _check_yaml_structure(path: Path, text: str) -> None:
                 raise RecipeError(f"{path}: recipe uses more than {MAX_YAML_ALIASES} YAML aliases")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: ``line L, column C: invalid YAML: what (while what)``, 1-based as editors
+    count (PyYAML's message spreads over several lines, the position on the last ones)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    what = f"{problem} ({context})" if context else problem
+    if mark is None:
+        return f"invalid YAML: {what}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {what}"
+
+
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file."""
     try:
@@ -233,7 +245,7 @@ def load_recipe(path: Path) -> Recipe:
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from e
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from e
+        raise RecipeError(f"{path}: {_yaml_problem(e)}") from e
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     try:
@@ -369,6 +381,7 @@ def parse_recipe(
         raise RecipeError(f"{where}: {ref!r} is not the base_model or one of the models")
 
     tokenizer = parse_tokenizer(doc, model_index)
+    compute, out_dtype = dtypes(doc)
     return Recipe(
         method=method,
         base=base,
@@ -376,8 +389,8 @@ def parse_recipe(
         tokenizer=tokenizer,
         settings=settings,
         strings=strings,
-        dtype=_dtype(doc.get("dtype", "float32"), "dtype"),
-        out_dtype=None if doc.get("out_dtype") is None else _dtype(doc["out_dtype"], "out_dtype"),
+        dtype=compute,
+        out_dtype=out_dtype,
         exclude=tuple(exclude),
         source=dict(doc),
         warnings=tuple(warnings),
@@ -418,14 +431,15 @@ def _sliced_recipe(
         ModelEntry(name, layout.slices[0].models()[k].path)
         for k, name in enumerate(layout.slot_names())
     )
+    compute, out_dtype = dtypes(doc)
     recipe = Recipe(
         method=impl.spec.name,
         base=base,
         models=slots,
         settings=settings,
         strings=strings,
-        dtype=_dtype(doc.get("dtype", "float32"), "dtype"),
-        out_dtype=None if doc.get("out_dtype") is None else _dtype(doc["out_dtype"], "out_dtype"),
+        dtype=compute,
+        out_dtype=out_dtype,
         source=dict(doc),
         warnings=tuple(warnings),
         slices=layout,
@@ -563,6 +577,24 @@ def _apply_order(entries: list[ModelEntry], order: Any, base_refs: set[str]) -> 
     if missing:
         raise RecipeError(f"pruning_order must list every model; missing: {', '.join(missing)}")
     return picked
+
+
+def dtypes(doc: Mapping[str, Any]) -> tuple[torch.dtype, torch.dtype | None]:
+    """``(compute dtype, output dtype or None)`` of a recipe mapping.
+
+    Output: mergekit's rule, ``out_dtype``, else ``dtype``, else (None) each tensor's dtype in
+    the base. Compute: ``compute_dtype`` (streammerge's key) when written, else float64 if
+    ``dtype`` asks for it (mergekit computes in ``dtype``), else float32: the arithmetic
+    accumulates in float32 and rounds once to the output dtype, never in a 16-bit ``dtype``
+    unless ``compute_dtype`` asks for that explicitly.
+    """
+    out_key = "out_dtype" if doc.get("out_dtype") is not None else "dtype"
+    out = None if doc.get(out_key) is None else _dtype(doc[out_key], out_key)
+    if doc.get("compute_dtype") is not None:
+        return _dtype(doc["compute_dtype"], "compute_dtype"), out
+    if doc.get("dtype") is not None and _dtype(doc["dtype"], "dtype") == torch.float64:
+        return torch.float64, out
+    return torch.float32, out
 
 
 def _dtype(value: Any, where: str) -> torch.dtype:

@@ -15,6 +15,7 @@ class RunSummary:
     bytes_read: int
     bytes_written: int
     seconds: float
+    """Wall time of the merge, kernel compilation excluded."""
     peak_rss: int
     """Peak RSS of the process (kernel high-water mark), bytes; includes mapped input pages."""
     peak_anon_rss: int
@@ -35,6 +36,10 @@ class RunSummary:
     """OUT_DIR already held this exact merge, complete; nothing was done."""
     repaired: tuple[str, ...] = ()
     """What a resume found changed since the interruption, and redid."""
+    files: tuple[str, ...] = ()
+    """Files copied from the base (config, code, processor and tokenizer files), by name."""
+    compile_seconds: float = 0.0
+    """Time spent compiling kernels before the merge (not part of ``seconds``)."""
 
 
 @dataclass(frozen=True, slots=True)

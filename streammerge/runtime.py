@@ -128,5 +128,13 @@ def precompile_kernels(
         kernels.precompile(kernel, len(models), sorted(raw), _announce if verbose else None)
 
 
+KERNEL_NOTICE = (
+    "compiling the merge kernels for this method, number of models and input dtype (once per "
+    "combination, and again after an upgrade; up to a minute, not counted in the merge time)..."
+)
+"""What ``kernels.precompile`` is about to do: its cache key is the kernel, the model count,
+the raw input dtypes, the kernel source and numba's version."""
+
+
 def _announce() -> None:
-    print("compiling the merge kernels (once per install, up to a minute)...", file=sys.stderr)
+    print(KERNEL_NOTICE, file=sys.stderr, flush=True)

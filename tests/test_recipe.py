@@ -67,7 +67,7 @@ def test_cabs_recipe(folders):
 
 
 def test_default_n_val_aliases_and_options(folders):
-    doc = cabs_doc(folders, dtype="bf16", out_dtype="float16")
+    doc = cabs_doc(folders, compute_dtype="bf16", out_dtype="float16")
     doc["parameters"] = {"default_n_val": 3, "default_m_val": 6, "tail_policy": "zero",
                          "overlap_policy": "fill"}  # fmt: skip
     r = parse_recipe(doc)

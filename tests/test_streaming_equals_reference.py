@@ -45,7 +45,7 @@ def recipe_for(base, fts, method="cabs", **params):
         ],
         "parameters": params,
     }
-    for key in ("dtype", "out_dtype"):
+    for key in ("dtype", "out_dtype", "compute_dtype"):
         if key in params:
             doc[key] = params.pop(key)
     return parse_recipe(doc)
@@ -116,7 +116,7 @@ def test_task_arithmetic_dtypes(tmp_path, chunk, dtype):
 )
 def test_compute_and_out_dtypes(tmp_path, compute, out_dtype):
     base, fts = make_family(tmp_path / "models", k=2)
-    params = {"n_val": 3, "m_val": 8, "dtype": compute}
+    params = {"n_val": 3, "m_val": 8, "compute_dtype": compute}
     if out_dtype:
         params["out_dtype"] = out_dtype
     recipe = recipe_for(base, fts, **params)

@@ -430,8 +430,9 @@ class Scheduler:
         if self.finish_tensors:
             self._pending.append({"tensor": ti})
         # batched like chunks (a sync per tensor cost ~8 ms each: an hour on a 90,000-tensor
-        # MoE); the line still follows its chunks' data sync, in order
-        self._flush()
+        # MoE); the line still follows its chunks' data sync, in order. With an ``on_tensor``
+        # listener (--log-json) a reported tensor is durable first, as the log promises.
+        self._flush(force=self.on_tensor is not None)
         self._report(task, t0)
 
     def _report(self, task: TensorTask, t0: float, skipped: bool = False) -> None:

@@ -326,13 +326,18 @@ class RayExecutor:
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, StreamMergeError):
                 raise e.cause from None
-            raise
+            if not isinstance(e.cause, ray.exceptions.RayError):
+                raise
+            # a system failure surfaced through the task (e.g. OwnerDiedError: an argument's
+            # owner died with the worker): the unit failed as a dead worker's does
+            died: Exception = e.cause
         except ray.exceptions.RayError as e:
-            raise StreamMergeError(
-                f"{unit.label(self.plan)} failed: its worker died {MAX_RETRIES + 1} times "
-                f"({type(e).__name__}); progress is saved in {self.out_dir}. Run the same "
-                "command again to resume."
-            ) from None
+            died = e
+        raise StreamMergeError(
+            f"{unit.label(self.plan)} failed: its worker died {MAX_RETRIES + 1} times "
+            f"({type(died).__name__}); progress is saved in {self.out_dir}. Run the same "
+            "command again to resume."
+        ) from None
 
     def _check_stop(self, stop: StopOnSignals) -> None:
         import signal

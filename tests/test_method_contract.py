@@ -101,7 +101,7 @@ def test_streamed_run_equals_reference(spec: MethodSpec, fam, tmp_path: Path, ch
     base, fts = fam
     recipe = parse_recipe(recipe_doc(spec, base, fts))
     store = MemoryMaskStore()
-    run_merge(recipe, tmp_path / "out", chunk_elems=chunk, max_memory=2**30, mask_store=store)
+    run_merge(recipe, tmp_path / "out", chunk_elems=chunk, max_memory=2**32, mask_store=store)
     got = load_output(tmp_path / "out")
     checked = with_masks = 0
     for name, expected, masks in reference_merge(recipe):
@@ -134,17 +134,18 @@ def test_interrupted_run_resumes_to_the_same_bytes(
         check(self)
 
     monkeypatch.setattr(engine.Scheduler, "_check_stop", crash)
-    run_merge(recipe, tmp_path / "whole", chunk_elems=136, max_memory=2**30)
-    run_merge(recipe, tmp_path / "again", chunk_elems=136, max_memory=2**30)
+    monkeypatch.setattr(engine, "JOURNAL_INTERVAL_S", 0.0)  # journal every chunk at once
+    run_merge(recipe, tmp_path / "whole", chunk_elems=136, max_memory=2**32)
+    run_merge(recipe, tmp_path / "again", chunk_elems=136, max_memory=2**32)
     assert files(tmp_path / "whole") == files(tmp_path / "again"), "not deterministic"
     calls["crash_at"] = calls["n"] // 4 + 1  # past the first tensors, before the end
     calls["n"] = 0
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_merge(recipe, tmp_path / "cut", chunk_elems=136, max_memory=2**30)
+        run_merge(recipe, tmp_path / "cut", chunk_elems=136, max_memory=2**32)
     assert not (tmp_path / "cut" / "streammerge.json").exists()
     monkeypatch.setattr(engine.Scheduler, "_check_stop", check)
-    summary = run_merge(recipe, tmp_path / "cut", chunk_elems=136, max_memory=2**30)
+    summary = run_merge(recipe, tmp_path / "cut", chunk_elems=136, max_memory=2**32)
     assert summary.resumed_chunks > 0
     assert files(tmp_path / "cut") == files(tmp_path / "whole")
 

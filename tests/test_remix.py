@@ -300,7 +300,8 @@ def test_interrupted_add_resumes_to_the_same_bytes(tmp_path, monkeypatch):
         check(self)
 
     monkeypatch.setattr(engine.Scheduler, "_check_stop", crash)
-    kw = {"chunk_elems": 40, "shard_size": SHARD, "max_memory": 2**30}
+    monkeypatch.setattr(engine, "JOURNAL_INTERVAL_S", 0.0)  # journal every chunk at once
+    kw = {"chunk_elems": 40, "shard_size": SHARD, "max_memory": 2**32}
     with pytest.raises(KeyboardInterrupt):
         add_model(two, out, fts[2], 0.9, **kw)
     assert (out / "INCOMPLETE").is_file() and not (out / "streammerge.json").exists()

@@ -110,7 +110,7 @@ def test_orcamini_style_stacking_is_the_input_layers_renumbered(tall, tmp_path):
     _, (ft1, ft2) = tall
     slices = [[(ft1, 0, 24)], [(ft2, 20, 40)]]  # overlapping ranges, as in the example
     recipe = parse_recipe({"merge_method": "passthrough", "slices": doc_slices(slices)})
-    summary = run_merge(recipe, tmp_path / "out", chunk_elems=AWKWARD, max_memory=2**30)
+    summary = run_merge(recipe, tmp_path / "out", chunk_elems=AWKWARD, max_memory=2**32)
     got = load_output(tmp_path / "out")
     want = layout(slices)
     assert set(got) == set(want)
@@ -184,7 +184,7 @@ def test_gradient_slerp_per_slice_equals_reference(tall, tmp_path):
     }
     doc["slices"][1]["parameters"] = {"t": [{"filter": "mlp", "value": [0.2, 0.9]}]}
     recipe = parse_recipe(doc)
-    run_merge(recipe, tmp_path / "out", chunk_elems=AWKWARD, max_memory=2**30)
+    run_merge(recipe, tmp_path / "out", chunk_elems=AWKWARD, max_memory=2**32)
     got = load_output(tmp_path / "out")
     want = layout(slices)
     assert set(got) == set(want)
@@ -222,7 +222,7 @@ def test_parameter_precedence_source_slice_top(short, tmp_path):
     s0["sources"][1]["parameters"] = {"weight": [{"filter": "layers.2.", "value": 2.0}]}
     s1["sources"][1]["parameters"] = {"weight": [{"filter": "layers.2.", "value": 3.0}]}
     recipe = parse_recipe(doc)
-    run_merge(recipe, tmp_path / "out", chunk_elems=AWKWARD, max_memory=2**30)
+    run_merge(recipe, tmp_path / "out", chunk_elems=AWKWARD, max_memory=2**32)
     got = load_output(tmp_path / "out")
 
     def weights(name: str, si: int, t: float, inputs: list[str]) -> list[float]:
@@ -272,7 +272,7 @@ def test_every_method_streams_slices_like_its_reference(name, short, tmp_path):
     if spec.needs_base:
         doc["base_model"] = str(base)
     recipe = parse_recipe(doc)
-    run_merge(recipe, tmp_path / "out", chunk_elems=200, max_memory=2**30)
+    run_merge(recipe, tmp_path / "out", chunk_elems=200, max_memory=2**32)
     got = load_output(tmp_path / "out")
     want = layout(slices)
     assert set(got) == set(want)
@@ -408,7 +408,7 @@ def test_out_of_bounds_names_the_model_folder(tall, tmp_path):
     from streammerge import StreamMergeError
 
     with pytest.raises(StreamMergeError, match=re.escape(str(ft1))):
-        run_merge(recipe, tmp_path / "out", max_memory=2**30)
+        run_merge(recipe, tmp_path / "out", max_memory=2**32)
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
@@ -428,7 +428,7 @@ def test_per_layer_config_lists_follow_the_slices(short, tmp_path):
         {"merge_method": "passthrough",
          "slices": doc_slices([[(a, 0, 3)], [(b, 1, 4)], [(a, 3, 4)]])}
     )  # fmt: skip
-    run_merge(recipe, tmp_path / "out", max_memory=2**30)
+    run_merge(recipe, tmp_path / "out", max_memory=2**32)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 7
     assert cfg["layer_types"] == ["a0", "a1", "a2", "b1", "b2", "b3", "a3"]
@@ -456,7 +456,7 @@ def test_frankenmerge_loads_in_transformers_and_runs(tmp_path):
         {"merge_method": "passthrough",
          "slices": doc_slices([[(tmp_path / "a", 0, 3)], [(tmp_path / "b", 1, 4)]])}
     )  # fmt: skip
-    run_merge(recipe, tmp_path / "out", chunk_elems=1000, max_memory=2**30)
+    run_merge(recipe, tmp_path / "out", chunk_elems=1000, max_memory=2**32)
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", dtype=torch.bfloat16
     )
@@ -500,7 +500,7 @@ def test_sparsifying_slices_merge_keeps_masks_inspect_works_remix_is_refused(sho
     doc = {"merge_method": "cabs", "base_model": str(base), "slices": doc_slices(slices),
            "parameters": {"n_val": 1, "m_val": 4}}  # fmt: skip
     out = tmp_path / "out"
-    run_merge(parse_recipe(doc), out, max_memory=2**30)
+    run_merge(parse_recipe(doc), out, max_memory=2**32)
     report = inspect_merge(out)
     assert "slices" in report.independent_note
     assert report.models == ("ft1 + ft2", "ft2 + ft1")
@@ -529,7 +529,7 @@ def test_one_slice_over_every_layer_is_the_models_recipe(short, tmp_path, method
         {**common, "slices": doc_slices([[(base, 0, 4), *((f, 0, 4) for f in fts)]])}
     )
     for name, recipe in (("m", models), ("s", sliced)):
-        run_merge(recipe, tmp_path / name, chunk_elems=200, max_memory=2**30)
+        run_merge(recipe, tmp_path / name, chunk_elems=200, max_memory=2**32)
     shards = sorted(p.name for p in (tmp_path / "m").glob("model-*.safetensors"))
     assert shards == sorted(p.name for p in (tmp_path / "s").glob("model-*.safetensors"))
     for s in shards:

@@ -35,7 +35,7 @@ def direct(name: str, base: Path, fts: list[Path], weights: list[float], out: Pa
     doc = recipe_doc(METHODS[name].spec, base, fts)
     for item, w in zip(doc["models"], weights, strict=True):
         item["parameters"]["weight"] = w
-    run_merge(parse_recipe(doc), out, chunk_elems=CHUNK, max_memory=2**30, shard_size=SHARD)
+    run_merge(parse_recipe(doc), out, chunk_elems=CHUNK, max_memory=2**32, shard_size=SHARD)
 
 
 def test_grid_points_are_the_cartesian_product() -> None:
@@ -49,7 +49,7 @@ def test_every_point_equals_a_direct_run(name: str, fam, tmp_path: Path) -> None
     base, fts = fam
     recipe = parse_recipe(recipe_doc(METHODS[name].spec, base, fts))
     grid = {"ft1": [0.5, 1.5], str(fts[1]): [0.25]}
-    results = sweep(recipe, tmp_path / "sweep", grid, chunk_elems=CHUNK, max_memory=2**30,
+    results = sweep(recipe, tmp_path / "sweep", grid, chunk_elems=CHUNK, max_memory=2**32,
                     shard_size=SHARD)  # fmt: skip
     assert [p.replayed for p, _ in results] == [False, name == "cabs"]
     for p, _ in results:
@@ -66,7 +66,7 @@ def test_cli_prints_a_table_and_refuses_unknown_models(fam, tmp_path: Path) -> N
     path.write_text(yaml.safe_dump(recipe_doc(METHODS["cabs"].spec, base, fts)))
     out = tmp_path / "sweep"
     r = CliRunner().invoke(main, ["sweep", str(path), str(out), "--grid", "ft2=0.1,0.2",
-                                  "--max-memory", "1GiB", "--shard-size", str(SHARD)])  # fmt: skip
+                                  "--max-memory", "4GiB", "--shard-size", str(SHARD)])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert f"| {out / 'point-001'} | 1 | 0.2 |" in r.output
     assert (out / "point-001" / "streammerge.json").exists()

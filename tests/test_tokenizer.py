@@ -107,7 +107,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def test_base_source_drops_added_rows(family, tmp_path):
     base, ft, _ = family
     r = recipe(base, [ft], weights=[0.5], tokenizer_source="base")
-    run_merge(r, tmp_path / "out", max_memory=2**30)
+    run_merge(r, tmp_path / "out", max_memory=2**32)
     got, b, f = load(tmp_path / "out"), load(base), load(ft)
     for name in VOCAB_TENSORS:
         assert got[name].shape == (256, HIDDEN)
@@ -122,7 +122,7 @@ def test_base_source_drops_added_rows(family, tmp_path):
 def test_union_keeps_added_tokens_and_runs(family, tmp_path):
     base, ft, _ = family
     r = recipe(base, [ft], weights=[0.5], tokenizer_source="union")
-    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=100)
+    run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=100)
     out = tmp_path / "out"
     got, b, f = load(out), load(base), load(ft)
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -148,7 +148,7 @@ def test_union_keeps_added_tokens_and_runs(family, tmp_path):
 def test_model_source_and_ft_without_tokenizer(family, tmp_path):
     base, ft, ft2 = family
     r = recipe(base, [ft, ft2], weights=[1.0, 1.0], tokenizer_source=str(ft))
-    summary = run_merge(r, tmp_path / "out", max_memory=2**30)
+    summary = run_merge(r, tmp_path / "out", max_memory=2**32)
     assert any("no tokenizer files" in w for w in summary.warnings)
     got, b, f, f2 = load(tmp_path / "out"), load(base), load(ft), load(ft2)
     assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "out")) == 258
@@ -162,7 +162,7 @@ def test_model_source_and_ft_without_tokenizer(family, tmp_path):
 def test_pad_to_multiple_of_fills_with_each_models_mean(family, tmp_path):
     base, ft, _ = family
     r = recipe(base, [ft], weights=[0.5], tokenizer={"source": "union", "pad_to_multiple_of": 64})
-    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=1000)
+    run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=1000)
     got, b, f = load(tmp_path / "out"), load(base), load(ft)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 320
     for name in VOCAB_TENSORS:
@@ -182,7 +182,7 @@ def test_forced_and_new_tokens(family, tmp_path):
         "<id>": {"source": {"kind": "model_token", "model": str(ft), "token_id": 9}},
     }
     r = recipe(base, [ft], weights=[0.5], tokenizer={"source": "base", "tokens": tokens})
-    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=77)
+    run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=77)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     got, b, f = load(tmp_path / "out"), load(base), load(ft)
     name = "model.embed_tokens.weight"
@@ -210,7 +210,7 @@ def test_streamed_equals_reference(family, tmp_path, method, chunk):
     if method in ("ties", "dare_linear"):
         top["parameters"] = {"density": 0.5}
     r = recipe(base, [ft], method=method, weights=[0.7], **top)
-    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=chunk)
+    run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=chunk)
     got = load(tmp_path / "out")
     n = 0
     for name, want, _ in reference_merge(r):
@@ -222,7 +222,7 @@ def test_streamed_equals_reference(family, tmp_path, method, chunk):
 def test_vocab_mismatch_without_tokenizer_keeps_common_rows(family, tmp_path):
     base, ft, _ = family
     r = recipe(base, [ft], weights=[0.5])
-    summary = run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=50)
+    summary = run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=50)
     assert any("kept the base's 256 rows" in w for w in summary.warnings)
     got, b, f = load(tmp_path / "out"), load(base), load(ft)
     for name in VOCAB_TENSORS:
@@ -239,7 +239,7 @@ def test_vocab_mismatch_larger_base_is_refused(family, tmp_path):
     with pytest.raises(
         InputError, match=r"tensor '.*' has 256 rows, base .* has 258.*tokenizer_source"
     ):
-        run_merge(r, tmp_path / "out", max_memory=2**30)
+        run_merge(r, tmp_path / "out", max_memory=2**32)
     assert not (tmp_path / "out").exists()
 
 
@@ -265,13 +265,13 @@ def shards(out: Path) -> dict[str, bytes]:
 def test_interrupted_remap_resumes_byte_identical(family, tmp_path):
     base, ft, _ = family
     r = recipe(base, [ft], weights=[0.5], tokenizer={"source": "union", "pad_to_multiple_of": 8})
-    run_merge(r, tmp_path / "whole", max_memory=2**30, chunk_elems=64, shard_size=4000)
+    run_merge(r, tmp_path / "whole", max_memory=2**32, chunk_elems=64, shard_size=4000)
     with pytest.raises(Stop):  # stopped after two tensors
-        run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64, shard_size=4000,
+        run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=64, shard_size=4000,
                   on_tensor=stop_after(2))  # fmt: skip
     assert not (tmp_path / "out" / "streammerge.json").exists()
     skipped = []
-    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64, shard_size=4000,
+    run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=64, shard_size=4000,
               on_tensor=lambda t: skipped.append(t.skipped))  # fmt: skip
     assert any(skipped)  # it resumed rather than starting over
     assert shards(tmp_path / "out") == shards(tmp_path / "whole")
@@ -286,19 +286,19 @@ def test_changed_tokenizer_refuses_resume(family, tmp_path):
         (ft3 / p.name).write_bytes(p.read_bytes())
     r = recipe(base, [ft3], tokenizer_source="union")
     with pytest.raises(Stop):
-        run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64,
+        run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=64,
                   on_tensor=stop_after(2))  # fmt: skip
     # the fine-tune's tokenizer swaps two words: the row mapping changes, while the weights
     # (what the inputs' fingerprints cover) and the output layout do not
     make_tokenizer(ADDED, ["w1", "w0", *WORDS[2:]]).save_pretrained(ft3)
     with pytest.raises(StreamMergeError, match=r"\(the inputs' tokenizers \(the embedding row"):
-        run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64)
+        run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=64)
 
 
 def test_chat_template_builtin_with_built_tokenizer(family, tmp_path):
     base, ft, _ = family
     r = recipe(base, [ft], tokenizer_source="union", chat_template="chatml")
-    run_merge(r, tmp_path / "out", max_memory=2**30)
+    run_merge(r, tmp_path / "out", max_memory=2**32)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = tok.apply_chat_template([{"role": "user", "content": "w1 w2"}], tokenize=False,
                                    add_generation_prompt=True)  # fmt: skip
@@ -308,7 +308,7 @@ def test_chat_template_builtin_with_built_tokenizer(family, tmp_path):
 def test_builtin_templates_render_as_mergekits(family, tmp_path):
     base, _, ft2 = family
     r = recipe(base, [ft2], chat_template="llama3")
-    run_merge(r, tmp_path / "out", max_memory=2**30)
+    run_merge(r, tmp_path / "out", max_memory=2**32)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     msgs = [{"role": "user", "content": " hi "}]
     # mergekit 0.1.5's llama3 template, rendered: a newline after every <|eot_id|>
@@ -322,7 +322,7 @@ def test_chat_template_raw_without_tokenizer_source(family, tmp_path):
     base, _, ft2 = family
     jinja = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     r = recipe(base, [ft2], chat_template=jinja)
-    run_merge(r, tmp_path / "out", max_memory=2**30)
+    run_merge(r, tmp_path / "out", max_memory=2**32)
     out = tmp_path / "out"
     assert (out / "chat_template.jinja").read_text() == jinja
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == jinja
@@ -447,7 +447,7 @@ def test_plan_shows_the_vocabulary(family, tmp_path):
 def test_excluded_vocab_tensor_is_the_bases_remapped(family, tmp_path):
     base, ft, _ = family
     r = recipe(base, [ft], tokenizer_source="union", exclude=["lm_head"])
-    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=50)
+    run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=50)
     got, b, f = load(tmp_path / "out"), load(base), load(ft)
     # copied from the base, remapped: the base's rows, then the added tokens' donor (ft) rows
     assert torch.equal(got["lm_head.weight"], torch.cat([b["lm_head.weight"],
@@ -463,10 +463,10 @@ def test_without_transformers_a_clear_error(family, tmp_path, monkeypatch):
         RecipeError, match=r"needs? the transformers library.*streammerge\[tokenizer\]"
     ):
         run_merge(recipe(base, [ft], tokenizer_source="union"), tmp_path / "out",
-                  max_memory=2**30)  # fmt: skip
+                  max_memory=2**32)  # fmt: skip
     assert not (tmp_path / "out").exists()
     # a chat template alone needs no transformers
-    run_merge(recipe(base, [ft], chat_template="chatml"), tmp_path / "o2", max_memory=2**30)
+    run_merge(recipe(base, [ft], chat_template="chatml"), tmp_path / "o2", max_memory=2**32)
     assert (tmp_path / "o2" / "chat_template.jinja").read_text().startswith("{%- for m in")
 
 
@@ -476,7 +476,7 @@ def test_cabs_with_union_then_inspect_reads_remapped_inputs(family, tmp_path):
     base, ft, ft2 = family
     r = recipe(base, [ft, ft2], method="cabs", tokenizer_source="union",
                parameters={"n_val": 2, "m_val": 8})  # fmt: skip
-    run_merge(r, tmp_path / "out", max_memory=2**30, chunk_elems=64)
+    run_merge(r, tmp_path / "out", max_memory=2**32, chunk_elems=64)
     rep = inspect_merge(tmp_path / "out")
     row = next(t for t in rep.tensors if t.name == "lm_head.weight")
     assert row.numel == 258 * HIDDEN
@@ -491,4 +491,4 @@ def test_tokenizer_source_without_embeddings_is_refused(tmp_path):
         make_tokenizer().save_pretrained(tmp_path / name)
     r = recipe(tmp_path / "base", [tmp_path / "ft"], tokenizer_source="union")
     with pytest.raises(InputError, match="no token-indexed tensor"):
-        run_merge(r, tmp_path / "out", max_memory=2**30)
+        run_merge(r, tmp_path / "out", max_memory=2**32)

@@ -301,6 +301,28 @@ def seal_shard(out_dir: Path, plan: ShardPlan, shard: int, done: Progress,
     journal.append({"shard": shard, "sha256": digest})
 
 
+def tensor_report(
+    plan: MergePlan,
+    task: TensorTask,
+    seconds: float,
+    kept: Mapping[str, list[int]],
+    skipped: bool,
+) -> TensorReport:
+    """What ``on_tensor`` hears of a finished (or, on resume, skipped) tensor."""
+    out = next(t for t in plan.shards[task.shard].tensors if t.name == task.name)
+    counts = kept.get(task.name)
+    return TensorReport(
+        name=task.name,
+        merged=task.merged,
+        chunks=len(task.chunks()),
+        bytes_read=task.bytes_read,
+        bytes_written=out.end - out.begin,
+        seconds=seconds,
+        kept=tuple(counts) if counts is not None else None,
+        skipped=skipped,
+    )
+
+
 class Scheduler:
     """One execution of a plan, skipping what the journal says is done.
 
@@ -436,22 +458,9 @@ class Scheduler:
         self._report(task, t0)
 
     def _report(self, task: TensorTask, t0: float, skipped: bool = False) -> None:
-        if self.on_tensor is None:
-            return
-        kept = self.kept.get(task.name)
-        out = next(t for t in self.plan.shards[task.shard].tensors if t.name == task.name)
-        self.on_tensor(
-            TensorReport(
-                name=task.name,
-                merged=task.merged,
-                chunks=len(task.chunks()),
-                bytes_read=task.bytes_read,
-                bytes_written=out.end - out.begin,
-                seconds=time.perf_counter() - t0,
-                kept=tuple(kept) if kept is not None else None,
-                skipped=skipped,
-            )
-        )
+        if self.on_tensor is not None:
+            seconds = time.perf_counter() - t0
+            self.on_tensor(tensor_report(self.plan, task, seconds, self.kept, skipped))
 
     def _check_stop(self) -> None:
         """On SIGINT/SIGTERM: let the chunk in flight land, journal it, and stop here."""

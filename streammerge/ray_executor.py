@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .engine import Scheduler, UnitClaim, UnitLog, mask_info, seal_shard
+from .engine import Scheduler, UnitClaim, UnitLog, mask_info, seal_shard, tensor_report
 from .errors import Interrupted, StreamMergeError
 from .journal import Progress
 from .mask_store import STORE_NAME, MaskStore, ZarrMaskStore
@@ -394,19 +394,5 @@ class RayExecutor:
 
     def _report(self, task: TensorTask, seconds: float, skipped: bool = False) -> None:
         """As a local run reports, in completion order; ``seconds`` since the run started."""
-        if self.on_tensor is None:
-            return
-        kept = self.kept.get(task.name)
-        out = next(t for t in self.plan.shards[task.shard].tensors if t.name == task.name)
-        self.on_tensor(
-            TensorReport(
-                name=task.name,
-                merged=task.merged,
-                chunks=len(task.chunks()),
-                bytes_read=task.bytes_read,
-                bytes_written=out.end - out.begin,
-                seconds=seconds,
-                kept=tuple(kept) if kept is not None else None,
-                skipped=skipped,
-            )
-        )
+        if self.on_tensor is not None:
+            self.on_tensor(tensor_report(self.plan, task, seconds, self.kept, skipped))

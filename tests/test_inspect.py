@@ -38,7 +38,7 @@ def merge(tmp_path: Path, k: int = 3, **params) -> tuple[Path, Path, list[Path]]
     doc["models"][1]["parameters"]["n_val"] = 3  # a per-model n:m
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    run_merge(tmp_path / "r.yaml", out, chunk_elems=48, max_memory=2**30)
+    run_merge(tmp_path / "r.yaml", out, chunk_elems=48, max_memory=2**32)
     return out, base, fts
 
 
@@ -133,6 +133,6 @@ def test_dense_merge_is_refused_not_reported_as_zeros(tmp_path):
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    run_merge(tmp_path / "r.yaml", out, max_memory=2**30)
+    run_merge(tmp_path / "r.yaml", out, max_memory=2**32)
     r = cli("inspect", out)
     assert r.exit_code == 2 and "stored no masks" in r.stderr and "task_arithmetic" in r.stderr

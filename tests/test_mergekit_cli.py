@@ -63,12 +63,12 @@ def test_mergekit_sizes():
 
 def test_no_op_flags_each_get_one_note_and_change_nothing(recipe, tmp_path):
     r = CliRunner().invoke(streammerge, ["run", str(recipe), str(tmp_path / "a"), "--quiet",
-                                         "--max-memory", "1GiB"])  # fmt: skip
+                                         "--max-memory", "4GiB"])  # fmt: skip
     assert r.exit_code == 0, r.output
     flags = ["--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--trust-remote-code",
              "--clone-tensors", "-v", "--no-write-model-card", "--async-write"]  # fmt: skip
     r = CliRunner().invoke(
-        streammerge_yaml, [str(recipe), str(tmp_path / "b"), "--max-memory", "1GiB", *flags]
+        streammerge_yaml, [str(recipe), str(tmp_path / "b"), "--max-memory", "4GiB", *flags]
     )
     assert r.exit_code == 0, r.output
     notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]

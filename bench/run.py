@@ -30,7 +30,7 @@ _MODELS = (
     "  - model: {root}/ft1\n    parameters: {{weight: %s%s}}\n"
     "  - model: {root}/ft2\n    parameters: {{weight: %s%s}}\n"
 )
-RECIPES = {
+BASELINES = {
     # weights as in the mergekit baselines of shared/reference/baselines.md
     "task_arithmetic": _MODELS % ("0.5", "", "0.5", ""),
     "cabs": _MODELS % ("1.0", "", "0.8", "") + "parameters: {{n_val: 16, m_val: 64}}\n",
@@ -41,7 +41,46 @@ RECIPES = {
     "linear": "models:\n  - model: {root}/ft1\n    parameters: {{weight: 0.5}}\n"
     "  - model: {root}/ft2\n    parameters: {{weight: 0.5}}\n",
 }
-RECIPES = {m: f"merge_method: {m}\n{r}dtype: float32\n" for m, r in RECIPES.items()}
+
+
+def example_recipe(method: str) -> str:
+    """The recipe of a method without a baseline: its registry example on ft1 (and ft2 where
+    the method takes two or more models), with ``{root}`` left to format."""
+    import yaml
+
+    from streammerge.methods import METHODS
+
+    spec = METHODS[method].spec
+    k = 1 if spec.max_models == 1 else 2
+    per_model = {n: v for n, v in spec.example.items() if n in spec.per_model}
+    glob = {n: v for n, v in spec.example.items() if n not in spec.per_model}
+    models = [
+        {"model": f"{{root}}/ft{i + 1}", **({"parameters": dict(per_model)} if per_model else {})}
+        for i in range(k)
+    ]
+    doc: dict = {"merge_method": method}
+    if spec.needs_base:
+        doc["base_model"] = "{root}/base"
+    doc["models"] = models
+    if glob:
+        doc["parameters"] = glob
+    # braces of flow mappings are doubled so that str.format leaves them alone
+    text = yaml.safe_dump(doc, sort_keys=False)
+    return text.replace("{", "{{").replace("}", "}}").replace("{{root}}", "{root}")
+
+
+def _recipes() -> dict[str, str]:
+    from streammerge.methods import METHODS
+
+    texts = {m: example_recipe(m) for m in sorted(METHODS)}
+    texts.update({m: f"merge_method: {m}\n{r}" for m, r in BASELINES.items()})
+    return texts
+
+
+RECIPES = _recipes()
+"""Every registry method's recipe on a family (``{root}`` to format). No ``dtype:``: the
+arithmetic runs in float32 and the output keeps the base's dtype, as mergekit does with
+``dtype: float32`` and ``out_dtype`` set to the family's dtype (``compare.py`` writes that)."""
 
 
 def ensure_family(preset: str, root: Path) -> Path:

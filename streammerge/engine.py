@@ -548,7 +548,7 @@ class Scheduler:
         state = method.new_state(
             TensorId(task.name, task.numel, task.shape), task.params, task.options, recipe.dtype
         )
-        for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
+        for p in range(method.stats_passes(task.params, task.options, recipe.dtype, task.shape)):
             for _, s, views in self._walk(ti, task, set()):
                 method.accumulate(state, p, s, views[0], views[1:])
             method.end_pass(state, p)

@@ -148,9 +148,9 @@ def _merged(
     """``task`` as a merged tensor with these parameters: chunk length rounded to the method's
     alignment, output dtype, and the bytes its statistics and merge passes read."""
     method = recipe.impl
-    align = method.alignment(params)
+    align = method.alignment(params, task.shape)
     out = task.out_dtype if recipe.out_dtype is None else TORCH_TO_ST[recipe.out_dtype]
-    passes = 1 + method.stats_passes(params, options, recipe.dtype)
+    passes = 1 + method.stats_passes(params, options, recipe.dtype, task.shape)
     nbytes = task.numel * ITEMSIZE[task.in_dtype]  # the base's bytes, times each source
     return replace(task, out_dtype=out, merged=True, params=params, options=options,
                    chunk_elems=max(align, target // align * align),

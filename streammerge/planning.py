@@ -259,7 +259,9 @@ def _predict_vram(plan: MergePlan) -> int:
 
 def _line(t: TensorTask, plan: MergePlan) -> TensorLine:
     method = plan.recipe.impl
-    passes = 1 + method.stats_passes(t.params, t.options, plan.recipe.dtype) if t.merged else 1
+    passes = (
+        1 + method.stats_passes(t.params, t.options, plan.recipe.dtype, t.shape) if t.merged else 1
+    )
     return TensorLine(
         t.name, t.shape, t.merged, min(t.chunk_elems, t.numel), len(t.chunks()), passes,
         t.bytes_read,

@@ -84,9 +84,9 @@ def splittable(method: Method, task: TensorTask, dtype: torch.dtype) -> bool:
     chunk-local method without statistics passes."""
     if not task.merged:
         return True
-    return method.stats_passes(task.params, task.options, dtype) == 0 and method.chunk_local(
-        task.params, task.options
-    )
+    return method.stats_passes(
+        task.params, task.options, dtype, task.shape
+    ) == 0 and method.chunk_local(task.params, task.options)
 
 
 def cut_units(

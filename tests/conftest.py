@@ -7,12 +7,23 @@ is checked against inputs it did not produce. Values are quantised so ``|tau|`` 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+SLOW = os.environ.get("STREAMMERGE_SLOW", "") not in ("", "0")
+"""``STREAMMERGE_SLOW=1`` runs the long cases at full size (every kill point, chunk length and
+model count); without it, as in CI, they run on fewer points of the same kinds."""
+
+
+def thin(full: list, ci: list) -> list:
+    """``full`` under ``STREAMMERGE_SLOW=1``, else ``ci`` (a subset of the same cases)."""
+    return full if SLOW else ci
+
 
 SHAPES: dict[str, tuple[int, ...]] = {
     "embed.weight": (37, 24),  # 888 elements: not a multiple of 64

@@ -99,11 +99,13 @@ def test_uniforms_are_dares_stream():
     assert torch.equal(u[1000:2000], uniforms(7, 1, 1234, 1100, 2100))
 
 
-def mergekit_float64(base, fts, ps, u, consensus, normalize, rescale, lam):
-    """mergekit 0.1.5's della_magprune (one row) + generalized task arithmetic, float64 numpy,
-    with the same uniform draws ``u`` in place of torch.bernoulli's."""
+def mergekit_float64(base, fts, ps, u, consensus, normalize, rescale, lam, row=None):
+    """mergekit 0.1.5's della_magprune (ranks within rows of ``row`` elements; None: one row)
+    + generalized task arithmetic, float64 numpy, with the same uniform draws ``u`` in place of
+    torch.bernoulli's."""
     b = base.astype(np.float64)
     n = b.size
+    row = row or n
     deltas, masks = [], []
     for f, p, uk in zip(fts, ps, u, strict=True):
         d = f.astype(np.float64) - b
@@ -112,10 +114,12 @@ def mergekit_float64(base, fts, ps, u, consensus, normalize, rescale, lam):
             masks.append(np.ones(n, dtype=bool))
             deltas.append(d)
             continue
-        ranks = np.argsort(np.argsort(np.abs(d), kind="stable"), kind="stable") + 1.0
-        norm = np.clip((ranks - ranks.min()) / (ranks.max() - ranks.min()), 0, 1)
+        mag = np.abs(d).reshape(-1, row)
+        ranks = np.argsort(np.argsort(mag, axis=1, kind="stable"), axis=1, kind="stable") + 1.0
+        lo, hi = ranks.min(axis=1, keepdims=True), ranks.max(axis=1, keepdims=True)
+        norm = np.clip((ranks - lo) / (hi - lo), 0, 1)
         probs = (dens - eps) + norm * 2 * eps
-        mask = uk < probs
+        mask = uk < probs.reshape(-1)
         masked = d * mask
         if rescale:
             before, after = np.abs(d).sum(), np.abs(masked).sum()
@@ -155,6 +159,38 @@ def test_agrees_with_mergekit_formula(name, rescale):
     assert np.allclose(got.out.double().numpy(), want, rtol=1e-5, atol=1e-6)
     kept = [float(m.float().mean()) for m in got.masks]
     assert abs(kept[0] - 0.5) < 0.04 and abs(kept[1] - 0.3) < 0.04  # the expected density
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_matrix_is_ranked_within_each_row_as_mergekit_does(name):
+    """mergekit ranks a 2-D weight row by row: every row gets the whole keep-probability ramp,
+    whatever its scale. Rows here differ in scale by 10^3, so tensor-wide ranks would keep
+    about d - e of the small rows and d + e of the large ones."""
+    rows, cols = 24, 40
+    n = rows * cols
+    base, fts = data(n, 3, F32, seed=21)
+    scale = torch.logspace(-3, 0, rows).repeat_interleave(cols)
+    fts = [base + (f - base) * scale for f in fts]
+    opts = MethodOptions(seed=5, rescale=True)
+    tid = TensorId("model.layers.3.mlp.down_proj.weight", n, (rows, cols))
+    u = [uniforms(5, k, tid.key, 0, n).numpy() for k in range(3)]
+    consensus = name == "della"  # and normalize, mergekit's defaults
+    want, masks = mergekit_float64(base.numpy(), [f.numpy() for f in fts], PARAMS, u,
+                                   consensus, consensus, True, 1.0, row=cols)  # fmt: skip
+    ref = METHODS[name].reference(tid, base, fts, PARAMS, opts, F32)
+    for m, w, f in zip(ref.masks, masks, fts, strict=True):
+        assert np.array_equal(m.numpy(), w & (f != base).numpy())  # a zero delta is not "kept"
+    assert np.allclose(ref.out.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    per_row = ref.masks[0].view(rows, cols).float().mean(1)
+    assert abs(float(per_row[: rows // 2].mean()) - float(per_row[rows // 2 :].mean())) < 0.1
+    # streamed: chunks of whole rows, even where the requested length cuts one
+    assert METHODS[name].alignment(PARAMS, (rows, cols)) == 40
+    assert METHODS[name].stats_passes(PARAMS, opts, F32, (rows, cols)) == 1  # the L1 norms only
+    for chunk in (1, 7, 136, 1000):
+        got = run_chunked(METHODS[name], tid, base, fts, PARAMS, opts, F32, chunk)
+        assert same_bytes(got.out, ref.out), chunk
+        for a, b in zip(got.masks, ref.masks, strict=True):
+            assert torch.equal(a, b), chunk
 
 
 def test_larger_magnitudes_are_kept_more_often():

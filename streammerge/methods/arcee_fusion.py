@@ -222,7 +222,7 @@ SPEC = MethodSpec(
 class ArceeFusion(MethodBase):
     spec = SPEC
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return BLOCK
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -234,7 +234,11 @@ class ArceeFusion(MethodBase):
         return 10 * 8 + 2 * itemsize
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return PASSES
 

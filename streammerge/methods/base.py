@@ -143,8 +143,9 @@ class Method(Protocol):
         """``params`` with TADrop's density for the tensor (methods with ``spec.tadrop``)."""
         ...
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
-        """Chunk starts must be multiples of this many elements."""
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
+        """Chunk starts must be multiples of this many elements; ``shape`` is the tensor's
+        (``()`` if unknown: then any tensor of this method may be chunked so)."""
         ...
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -157,9 +158,14 @@ class Method(Protocol):
         ...
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
-        """Statistics passes needed before the merge pass (0 for chunk-local methods)."""
+        """Statistics passes needed before the merge pass (0 for chunk-local methods) over a
+        tensor of ``shape`` (``()`` if unknown)."""
         ...
 
     def new_state(
@@ -303,7 +309,11 @@ class ChunkLocalMethod(MethodBase):
     """Base of methods without statistics passes."""
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return 0
 
@@ -347,11 +357,11 @@ def run_chunked(
     ``chunk`` is rounded up to the method's alignment; None means one chunk.
     """
     flat_b, flat_f = base.flatten(), [f.flatten() for f in fts]
-    align = method.alignment(params)
+    align = method.alignment(params, tensor.shape)
     step = -(-(chunk or max(1, tensor.numel)) // align) * align
     ranges = [(s, min(s + step, tensor.numel)) for s in range(0, tensor.numel, step)]
     state = method.new_state(tensor, params, options, dtype)
-    for p in range(method.stats_passes(params, options, dtype)):
+    for p in range(method.stats_passes(params, options, dtype, tensor.shape)):
         for s, e in ranges:
             method.accumulate(state, p, s, flat_b[s:e], [f[s:e] for f in flat_f])
         method.end_pass(state, p)

@@ -67,7 +67,11 @@ class Breadcrumbs(Gta):
         return False  # threshold ties are counted across chunks
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return RadixTopK(1, key_bits(dtype)).passes + (1 if self._rescale(options) else 0)
 

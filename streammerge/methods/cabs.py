@@ -96,7 +96,7 @@ class Cabs(ChunkLocalMethod):
         n = nm_from_density(density, params.m)
         return ModelParams(params.weight, n, params.m, density=n / params.m)
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         # Chunks must start on a block boundary of every model and on a byte of packed bits.
         return math.lcm(8, *(p.m for p in params))
 

@@ -14,12 +14,9 @@ raises unless ``0 < d - e`` and ``d + e < 1``; so does :meth:`Della.model_params
 
 Deterministic choices where mergekit is not, and one deviation:
 
-* **One row.** mergekit ranks within each row of a 2-D weight (1-D tensors are one row). A
-  method here sees a tensor as a flat range with a name and an element count (``TensorId``
-  carries no shape), so the whole flattened tensor is ranked as one row: for 1-D tensors this
-  is mergekit's rule; for matrices the keep probabilities come from the tensor-wide rank rather
-  than the row's. Same expected density and the same magnitude preference; not the same
-  per-row ramp.
+* **Rows.** As mergekit, a matrix is ranked within each row (``N`` is the row length, its last
+  dimension) and a 1-D tensor is one row. A tensor of three or more dimensions is ranked as one
+  flat row: mergekit ranks it along dimension 1, a strided ramp streamed chunks cannot follow.
 * Equal magnitudes rank in index order (mergekit's ``argsort`` leaves their order undefined).
 * ``u`` comes from fixed 64 Ki-element blocks, each with its own generator seeded by
   (seed, model, tensor, block) as DARE's stream (:func:`.select.uniforms`), instead of an
@@ -28,20 +25,26 @@ Deterministic choices where mergekit is not, and one deviation:
 * TADrop's per-tensor densities are not checked against ``epsilon``: where ``d - e < 0`` or
   ``d + e > 1`` the probabilities simply saturate (mergekit has no TADrop).
 
-**Exact ranks, streamed.** The keep decision is monotone in the rank, so an element needs its
-exact rank only when its rank bounds straddle its ``u``. Keys (the bits of ``|delta|``) are
-split into digits (fp32: 16 + 8 + 7 bits; 16-bit dtypes: one 15-bit digit). Pass 0 histograms
-the first digit; each element's rank then lies in ``[lo, lo + count)`` of its bin, and where
-``u < p(lo)`` equals ``u < p(lo + count - 1)`` it is decided. A following pass collects the
-bins holding undecided elements, the next histograms their next digit, and so on; at the last
-digit a bin is one key value and the rank is its base plus the number of equal keys before it,
-counted in index order as chunks go by. Every count is exact and no chunk boundary changes
-anything, so the streamed masks equal the reference's sort-based ranks bit for bit; memory is
-the histograms of undecided bins only.
+**Matrices: whole rows per chunk.** A matrix's chunks hold whole rows (:meth:`Della.alignment`
+is a multiple of the row length), so each chunk ranks its rows by a stable sort, and the only
+statistics pass left is the rescale's L1 norms. Rows are thousands of elements, chunks
+millions; a row longer than the budget's chunk still makes a chunk of its own.
+
+**1-D tensors: exact ranks, streamed.** The keep decision is monotone in the rank, so an element
+needs its exact rank only when its rank bounds straddle its ``u``. Keys (the bits of
+``|delta|``) are split into digits (fp32: 16 + 8 + 7 bits; 16-bit dtypes: one 15-bit digit).
+Pass 0 histograms the first digit; each element's rank then lies in ``[lo, lo + count)`` of its
+bin, and where ``u < p(lo)`` equals ``u < p(lo + count - 1)`` it is decided. A following pass
+collects the bins holding undecided elements, the next histograms their next digit, and so on;
+at the last digit a bin is one key value and the rank is its base plus the number of equal keys
+before it, counted in index order as chunks go by. Every count is exact and no chunk boundary
+changes anything, so the streamed masks equal the reference's sort-based ranks bit for bit;
+memory is the histograms of undecided bins only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,17 +70,28 @@ def keep_probability(
     return (density - epsilon) + norm * (2 * epsilon)
 
 
-def magprune_mask(d: torch.Tensor, u: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """The reference: the whole tensor's ranks by a stable sort (equal |delta| in index order)."""
+def magprune_mask(
+    d: torch.Tensor, u: torch.Tensor, density: float, epsilon: float, row: int | None = None
+) -> torch.Tensor:
+    """Keep decisions of flat ``d`` whose ranks (by a stable sort: equal |delta| in index order)
+    are taken within each row of ``row`` elements (None: one row); the reference's rule, and
+    a matrix chunk's, whose rows are whole."""
     n = d.numel()
     if density >= 1:
         return torch.ones(n, dtype=torch.bool)
     if density <= 0:
         return torch.zeros(n, dtype=torch.bool)
-    order = torch.sort(d.abs().double(), stable=True).indices
-    rank = torch.empty(n, dtype=torch.int64)
-    rank[order] = torch.arange(n)
-    return u < keep_probability(rank, n, density, epsilon)
+    row = row or max(n, 1)
+    keys = d.abs().double().view(-1, row)
+    order = torch.sort(keys, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(row).expand_as(order))
+    return u < keep_probability(rank.view(-1), row, density, epsilon)
+
+
+def row_length(shape: tuple[int, ...]) -> int | None:
+    """Elements per ranked row: a matrix's last dimension; None (one row) for other shapes."""
+    return shape[-1] if len(shape) == 2 and shape[-1] > 0 else None
 
 
 @dataclass
@@ -220,6 +234,8 @@ class _DState(_State):
     rankers: list[Ranker | None] = field(default_factory=list)
     """Per model (None: density outside (0, 1), nothing to rank)."""
     rank_passes: int = 0
+    row: int | None = None
+    """Row length of a matrix, ranked within chunks (no rankers); None: streamed ranks."""
 
 
 def _key(d: torch.Tensor) -> torch.Tensor:
@@ -249,6 +265,10 @@ class Della(Gta):
     def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
         return False  # equal keys are counted across chunks
 
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
+        row = row_length(shape)
+        return super().alignment(params, shape) if row is None else math.lcm(8, row)
+
     def work_bytes(self, k: int, itemsize: int) -> int:
         # the family's deltas and masks, plus one model's ranking temporaries at a time: int64
         # keys, rows, bins, bounds and tie counts, float64 draws and probabilities (~16 x 8)
@@ -261,9 +281,14 @@ class Della(Gta):
         return 2 * len(DIGITS[key_bits(dtype)]) - 1
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
-        return self._rank_passes(dtype) + (1 if self._rescale(options) else 0)
+        ranks = 0 if row_length(shape) else self._rank_passes(dtype)
+        return ranks + (1 if self._rescale(options) else 0)
 
     def new_state(
         self,
@@ -273,6 +298,7 @@ class Della(Gta):
         dtype: torch.dtype,
     ) -> _DState:
         widths = DIGITS[key_bits(dtype)]
+        row = row_length(tensor.shape)
         st = _DState(
             tensor,
             params,
@@ -282,10 +308,13 @@ class Della(Gta):
             rescale=self._rescale(options),
             factors=[1.0] * len(params),
             rankers=[
-                Ranker(widths, tensor.numel, p.density, _epsilon(p)) if 0 < p.density < 1 else None
+                Ranker(widths, tensor.numel, p.density, _epsilon(p))
+                if 0 < p.density < 1 and row is None
+                else None
                 for p in params
             ],
-            rank_passes=self._rank_passes(dtype),
+            rank_passes=0 if row else self._rank_passes(dtype),
+            row=row,
         )
         if st.rescale:
             st.l1 = [(ExactL1(), ExactL1()) for _ in params]
@@ -300,12 +329,17 @@ class Della(Gta):
         assert isinstance(st, _DState)
         masks = []
         for k in range(upto):
-            d, r = deltas[k], st.rankers[k]
-            if r is None:
-                keep = torch.full((d.numel(),), st.params[k].density >= 1, dtype=torch.bool)
+            d, r, p = deltas[k], st.rankers[k], st.params[k]
+            if not 0 < p.density < 1:
+                keep = torch.full((d.numel(),), p.density >= 1, dtype=torch.bool)
             else:
                 u = uniforms(st.options.seed, k, st.tensor.key, start, start + d.numel())
-                keep = r.mask(_key(d), u)
+                # a matrix chunk holds whole rows (the alignment) and ranks them itself
+                keep = (
+                    r.mask(_key(d), u)
+                    if r is not None
+                    else magprune_mask(d, u, p.density, _epsilon(p), st.row)
+                )
             masks.append(keep & (d != 0))
         return masks
 
@@ -377,7 +411,7 @@ class Della(Gta):
         masks = []
         for k, (d, p) in enumerate(zip(deltas, params, strict=True)):
             u = uniforms(options.seed, k, tensor.key, 0, n)
-            masks.append(magprune_mask(d, u, p.density, _epsilon(p)) & (d != 0))
+            masks.append(magprune_mask(d, u, p.density, _epsilon(p), st.row) & (d != 0))
         if st.rescale:
             st.factors = [
                 l1_ratio(fsum_abs(d), fsum_abs(d[m]), RESCALE_EPS)

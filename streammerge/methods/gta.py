@@ -81,7 +81,7 @@ class Gta(MethodBase):
         self.default_rescale = rescale
         self.sparsifies = spec.writes_masks
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return 8  # masks are stored as packed bits: chunks start on a byte
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -106,7 +106,11 @@ class Gta(MethodBase):
         return digits * (k if conflict_aware else 1)
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         n = 0
         if self.sparsifier == "magnitude":

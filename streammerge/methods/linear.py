@@ -39,7 +39,7 @@ SPEC = MethodSpec(
 class Linear(ChunkLocalMethod):
     spec = SPEC
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return 8
 
     def work_bytes(self, k: int, itemsize: int) -> int:

@@ -124,7 +124,11 @@ class ModelStock(GramMethod):
     spec = SPEC
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return 1
 

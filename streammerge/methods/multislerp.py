@@ -108,7 +108,11 @@ class Multislerp(GramMethod):
     spec = SPEC
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return 1 if len(params) > 1 else 0
 

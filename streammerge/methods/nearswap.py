@@ -62,7 +62,7 @@ SPEC = MethodSpec(
 class Nearswap(ChunkLocalMethod):
     spec = SPEC
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return 8
 
     def work_bytes(self, k: int, itemsize: int) -> int:

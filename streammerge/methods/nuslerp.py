@@ -353,7 +353,7 @@ class GramMethod(MethodBase):
     """What the Gram-statistics methods share: chunks aligned to the statistics blocks, their
     memory per element, and an elementwise merge pass after the statistics."""
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return BLOCK
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -370,7 +370,11 @@ class Nuslerp(GramMethod):
     spec = SPEC
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return 1
 

@@ -45,7 +45,7 @@ class Passthrough(ChunkLocalMethod):
         scale = values.get("scale")
         return ModelParams(1.0 if scale is None else float(scale))
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return 8
 
     def work_bytes(self, k: int, itemsize: int) -> int:

@@ -104,7 +104,7 @@ RAM_SPEC = MethodSpec(
 class Ram(ChunkLocalMethod):
     spec = RAM_SPEC
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return 8
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -197,7 +197,7 @@ RAMPLUS_SPEC = MethodSpec(
 class RamPlus(MethodBase):
     spec = RAMPLUS_SPEC
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return 8
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -207,7 +207,11 @@ class RamPlus(MethodBase):
         return (k + 3) * itemsize + 8 + k
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return 1
 

@@ -202,8 +202,8 @@ class Replay(ChunkLocalMethod):
         self.read_mask = read_mask
         self.add = add
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
-        return self.inner.alignment(params)
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
+        return self.inner.alignment(params, shape)
 
     def work_bytes(self, k: int, itemsize: int) -> int:
         return self.inner.work_bytes(k, itemsize)

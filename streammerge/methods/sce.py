@@ -134,7 +134,7 @@ class Sce(MethodBase):
     def __init__(self, spec: MethodSpec) -> None:
         self.spec = spec
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return 8
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -152,7 +152,11 @@ class Sce(MethodBase):
         return RadixTopK(1, key_bits(dtype)).passes
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return self._select_passes(options, dtype) + 1  # the mean squares
 

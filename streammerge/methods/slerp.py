@@ -91,7 +91,7 @@ SPEC = MethodSpec(
 class Slerp(MethodBase):
     spec = SPEC
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return BLOCK
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -101,7 +101,11 @@ class Slerp(MethodBase):
         return 2 * itemsize
 
     def stats_passes(
-        self, params: Sequence[ModelParams], options: MethodOptions, dtype: torch.dtype
+        self,
+        params: Sequence[ModelParams],
+        options: MethodOptions,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] = (),
     ) -> int:
         return 1
 

@@ -310,14 +310,20 @@ def _warm_up(plan: MergePlan, base: ModelFolder, models: list[ModelFolder]) -> N
 
 
 def _merge_chunk(
-    task: TensorTask, recipe: Recipe, b: torch.Tensor, fts: list[torch.Tensor]
+    task: TensorTask,
+    recipe: Recipe,
+    b: torch.Tensor,
+    fts: list[torch.Tensor],
+    row: int | None = None,
 ) -> None:
-    """What the engine does to one chunk, as a tensor of its own: statistics passes, merge,
-    cast to the output dtype, kept counts."""
+    """What the engine does to one chunk, as a tensor of its own (of rows of ``row`` elements
+    when given, else 1-D): statistics passes, merge, cast to the output dtype, kept counts."""
     method = recipe.impl
-    tid = TensorId(task.name, b.numel(), (b.numel(),))  # a chunk standing in for the tensor
+    n = b.numel()
+    shape = (n // row, row) if row else (n,)  # a chunk standing in for the tensor
+    tid = TensorId(task.name, n, shape)
     state = method.new_state(tid, task.params, task.options, recipe.dtype)
-    for p in range(method.stats_passes(task.params, task.options, recipe.dtype)):
+    for p in range(method.stats_passes(task.params, task.options, recipe.dtype, shape)):
         method.accumulate(state, p, 0, b, fts)
         method.end_pass(state, p)
     result = method.merge(state, 0, b, fts)
@@ -332,13 +338,14 @@ def _merge_speed(plan: MergePlan, base: ModelFolder, models: list[ModelFolder]) 
     task = _largest_merged(plan)
     if task is None:
         return None
-    align = plan.recipe.impl.alignment(task.params)
+    align = plan.recipe.impl.alignment(task.params, task.shape)
     n = max(align, min(CALIBRATION_ELEMS, task.chunk_elems) // align * align)
+    row = task.shape[-1] if len(task.shape) > 1 and n % task.shape[-1] == 0 else None
     ranges = ((s, min(s + n, task.numel)) for s in range(0, task.numel, n))
     done, spent = 0, 0.0
     t0 = time.perf_counter()
     for s, e, views in read_chunks([base, *models], task.name, ranges):
-        _merge_chunk(task, plan.recipe, views[0], views[1:])
+        _merge_chunk(task, plan.recipe, views[0], views[1:], row)
         del views
         spent = time.perf_counter() - t0
         done += e - s

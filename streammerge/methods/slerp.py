@@ -5,10 +5,12 @@ With v0 = base, v1 = model and dot = <v0/|v0|, v1/|v1|> (a norm <= 1e-8 is not d
 ``sin((1 - t) theta) / sin(theta) v0 + sin(t theta) / sin(theta) v1``.
 
 The dot product and the norms are whole-tensor quantities, taken in one statistics pass as
-float64 partial sums over fixed blocks of :data:`BLOCK` elements of the flat index (chunk starts
-are aligned to it), added in block order: the coefficients, hence the output bytes, do not
-depend on the chunk length. The coefficients are float64; the interpolation itself runs in the
-compute dtype.
+the Gram matrix of (base, model): float64 numpy sums over fixed blocks of :data:`BLOCK` elements
+of the flat index (chunk starts are aligned to it), added in block order (nuslerp's
+:class:`~.nuslerp.BlockGram`). So the coefficients, hence the output bytes, depend neither on
+the chunk length nor on the thread count: numpy sums on one thread, where a BLAS ``dot`` splits
+its work by threads and rounds differently with 1 or 2 of them. The coefficients are float64;
+the interpolation itself runs in the compute dtype.
 """
 
 from __future__ import annotations
@@ -17,35 +19,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .base import MergeResult, MethodBase, MethodOptions, ModelParams, TensorId, scalar
+from .nuslerp import BLOCK, BlockGram, gram_work_bytes
 from .spec import CardColumn, MethodSpec, Param, number
 
-BLOCK = 4096
-"""Elements per partial sum of the statistics pass (chunk starts are multiples of it)."""
 DOT_THRESHOLD = 0.9995
 """Above this |cos| the two tensors count as colinear and are interpolated linearly."""
 EPS = 1e-8
 """Norms at or below this are not divided by (mergekit's ``normalize``)."""
 
 
-def block_sums(base: torch.Tensor, ft: torch.Tensor) -> list[tuple[float, float, float]]:
-    """(sum b*f, sum b*b, sum f*f) in float64 for each BLOCK-element block of a 1-D range
-    starting at a multiple of BLOCK (the last block may be short)."""
-    out = []
-    for s in range(0, base.numel(), BLOCK):
-        b = base[s : s + BLOCK].to(torch.float64)
-        f = ft[s : s + BLOCK].to(torch.float64)
-        out.append((float(torch.dot(b, f)), float(torch.dot(b, b)), float(torch.dot(f, f))))
-    return out
-
-
-def coefficients(t: float, sums: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
-    """(s0, s1) such that the result is s0 * base + s1 * model, from the per-block sums."""
-    bf = bb = ff = 0.0
-    for x, y, z in sums:  # in block order: float addition is not associative
-        bf, bb, ff = bf + x, bb + y, ff + z
+def coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
+    """(s0, s1) such that the result is s0 * base + s1 * model, from the 2 x 2 Gram matrix of
+    (base, model)."""
+    bb, bf, ff = float(gram[0, 0]), float(gram[0, 1]), float(gram[1, 1])
     nb, nf = math.sqrt(bb), math.sqrt(ff)
     dot = bf / ((nb if nb > EPS else 1.0) * (nf if nf > EPS else 1.0))
     if abs(dot) > DOT_THRESHOLD:
@@ -72,7 +62,7 @@ def _t(options: MethodOptions) -> float:
 class SlerpState:
     t: float
     dtype: torch.dtype
-    sums: list[tuple[float, float, float]] = field(default_factory=list)
+    gram: BlockGram = field(default_factory=lambda: BlockGram(2))
     coef: tuple[float, float] | None = None
 
 
@@ -82,7 +72,7 @@ SPEC = MethodSpec(
     params=(Param("t", per_model=False, required=True, doc="0 = the base, 1 = the model"),),
     min_models=1,
     max_models=1,
-    stats=("float64 sums of b*f, b*b and f*f per 4096-element block (dot product and norms)",),
+    stats=("float64 Gram matrix of (base, model) over 4096-element blocks (dot and norms)",),
     card=(CardColumn("t", lambda p, o: "-" if o.t is None else number(o.t)),),
     example={"t": 0.3},
 )
@@ -95,7 +85,7 @@ class Slerp(MethodBase):
         return BLOCK
 
     def work_bytes(self, k: int, itemsize: int) -> int:
-        return 2 * itemsize + 8
+        return gram_work_bytes(2, itemsize)
 
     def resident_bytes(self, k: int, itemsize: int) -> int:
         return 2 * itemsize
@@ -128,11 +118,10 @@ class Slerp(MethodBase):
         base: torch.Tensor,
         fts: Sequence[torch.Tensor],
     ) -> None:
-        assert start % BLOCK == 0, "chunk starts must be aligned to BLOCK"
-        state.sums.extend(block_sums(base, fts[0]))
+        state.gram.add(start, [base, fts[0]])
 
     def end_pass(self, state: SlerpState, pass_index: int) -> None:
-        state.coef = coefficients(state.t, state.sums)
+        state.coef = coefficients(state.t, state.gram.matrix())
 
     def chunk_local(self, params: Sequence[ModelParams], options: MethodOptions) -> bool:
         return True  # the statistics pass is redone on resume; merging is elementwise
@@ -154,5 +143,7 @@ class Slerp(MethodBase):
         dtype: torch.dtype,
     ) -> MergeResult:
         b, f = base.flatten(), fts[0].flatten()
-        s0, s1 = coefficients(_t(options), block_sums(b, f))
+        gram = BlockGram(2)
+        gram.add(0, [b, f])
+        s0, s1 = coefficients(_t(options), gram.matrix())
         return MergeResult(interpolate(s0, s1, b, f, dtype), None)

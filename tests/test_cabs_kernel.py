@@ -9,6 +9,9 @@ overlap and tail policies and 1 to 4 models.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +130,32 @@ def test_threaded_and_single_thread_variants_write_the_same_bytes(dtype, monkeyp
     single = run_all()
     for a, s in zip(threaded, single, strict=True):
         assert a.tobytes() == s.tobytes()
+
+
+NO_COMPILE = """
+import numpy as np
+from streammerge.methods import kernels
+kernels.precompile(2)  # what a first merge of two models does (a no-op once it has)
+for name in kernels.RAW_DTYPES:
+    x = np.zeros(70_000, dtype=name)
+    for k in (1, 3, 5, 8):  # other model counts than the first merge's
+        z = np.zeros(k, dtype=np.int64)
+        kernels.gta_merge(x, (x,) * k, z - 1, z, z, True, np.ones(k, np.float32), None, True,
+                          True, None, 1.0)
+    kernels.cabs_step(x, x, np.zeros(x.size, bool), np.empty(x.size, bool),
+                      np.empty(x.size, np.float32), True, 1, 4, np.float32(1), True, True)
+    kernels.magnitude_hist(x, x, 0, None)
+misses = {n: sum(d.stats.cache_misses.values()) for n in dir(kernels)
+          if hasattr(d := getattr(kernels, n), "stats")}
+print(sum(misses.values()), sorted(n for n, v in misses.items() if v))
+"""
+
+
+@pytest.mark.skipif(not kernels.enabled(), reason="numba kernels are off")
+def test_after_the_first_merge_no_model_count_or_dtype_compiles_again():
+    """Once the precompiling child has run for a merge of 2 models, a merge of 1, 3, 5 or 8
+    models, of either input dtype, with either kernel family, loads every kernel from numba's
+    cache: no cache miss (a miss is a compile in the merging process)."""
+    out = subprocess.run([sys.executable, "-c", NO_COMPILE], capture_output=True, text=True,
+                         check=True, timeout=900)  # fmt: skip
+    assert out.stdout.split()[0] == "0", out.stdout

@@ -41,7 +41,7 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -508,10 +508,11 @@ if HAVE_NUMBA:
         return out.sum(axis=0)
 
     @numba.njit(cache=True, nogil=True)
-    def _gta_span(base, fts, bf16, thr, need, start_ties, sparsify, weights, factors, rescale,
-                  consensus, normalize, norm_div, lambda_, out, masks, s0, s1) -> None:  # fmt: skip
-        """Elements ``[s0, s1)``; ``start_ties[k]``: model k's threshold ties before s0."""
-        k_models = len(fts)
+    def _gta_span(base, fts, k_models, bf16, thr, need, start_ties, sparsify, weights, factors,
+                  rescale, consensus, normalize, norm_div, lambda_, out, masks, s0,
+                  s1) -> None:  # fmt: skip
+        """Elements ``[s0, s1)`` of the first ``k_models`` of ``fts``; ``start_ties[k]``: model
+        k's threshold ties before s0."""
         blk = HIST_BLOCK
         bu = np.empty(blk, dtype=np.uint32)
         bf = bu.view(np.float32)
@@ -565,7 +566,7 @@ if HAVE_NUMBA:
                 out[s + j] = mixed * lambda_ + bf[j]
 
     @numba.njit(cache=True, nogil=True)
-    def _count_ties(fts, base, bf16, thr, s0, s1, counts) -> None:
+    def _count_ties(fts, k_models, base, bf16, thr, s0, s1, counts) -> None:
         blk = HIST_BLOCK
         bu = np.empty(blk, dtype=np.uint32)
         bf = bu.view(np.float32)
@@ -574,7 +575,7 @@ if HAVE_NUMBA:
         for s in range(s0, s1, blk):
             r = min(blk, s1 - s)
             _load(base, s, r, bf16, bf, bu)
-            for k in range(len(fts)):
+            for k in range(k_models):
                 _load(fts[k], s, r, bf16, ff, fu)
                 for j in range(r):
                     ff[j] = ff[j] - bf[j]
@@ -582,16 +583,16 @@ if HAVE_NUMBA:
                     counts[k] += np.int64(fu[j] & np.uint32(0x7FFFFFFF)) == thr[k]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _gta_merge(base, fts, bf16, thr, need, taken, sparsify, weights, factors, rescale,
-                   consensus, normalize, norm_div, lambda_, out, masks, tie_total,
+    def _gta_merge(base, fts, k_models, bf16, thr, need, taken, sparsify, weights, factors,
+                   rescale, consensus, normalize, norm_div, lambda_, out, masks, tie_total,
                    parts) -> None:  # fmt: skip
         size = out.size
         step = -(-size // parts)
-        k_models = len(fts)
         before = np.zeros((parts, k_models), dtype=np.int64)
         if sparsify:  # where each part's threshold ties start, in index order
             for p in numba.prange(parts):
-                _count_ties(fts, base, bf16, thr, p * step, min(size, (p + 1) * step), before[p])
+                _count_ties(fts, k_models, base, bf16, thr, p * step, min(size, (p + 1) * step),
+                            before[p])  # fmt: skip
         start = np.empty((parts, k_models), dtype=np.int64)
         run = taken.copy()
         for p in range(parts):
@@ -599,8 +600,8 @@ if HAVE_NUMBA:
             run += before[p]
         tie_total[:] = run - taken
         for p in numba.prange(parts):
-            _gta_span(base, fts, bf16, thr, need, start[p], sparsify, weights, factors, rescale,
-                      consensus, normalize, norm_div, lambda_, out, masks, p * step,
+            _gta_span(base, fts, k_models, bf16, thr, need, start[p], sparsify, weights, factors,
+                      rescale, consensus, normalize, norm_div, lambda_, out, masks, p * step,
                       min(size, (p + 1) * step))  # fmt: skip
 
     _gta_merge_serial = _serial(_gta_merge)
@@ -629,67 +630,77 @@ if HAVE_NUMBA:
         equal to model k's threshold in the chunk.
         """
         n, k = base.size, len(fts)
+        padded = tuple(fts) + (base,) * (model_slots(k) - k)  # one signature for k <= 8
         out = np.empty(n, dtype=np.float32)
         masks = np.empty((k, n) if sparsify else (k, 0), dtype=np.bool_)
         f32 = np.float32
         ties = np.zeros(k, dtype=np.int64)
         threaded = n >= PARALLEL_MIN
         kernel = _gta_merge if threaded else _gta_merge_serial
-        kernel(base, fts, base.dtype == np.uint16, thr, need, taken, sparsify,
+        kernel(base, padded, k, base.dtype == np.uint16, thr, need, taken, sparsify,
                weights.astype(f32), (factors if factors is not None else weights).astype(f32),
                factors is not None, consensus, normalize, f32(norm_div or 1.0), f32(lambda_),
                out, masks, ties, 4 * numba.get_num_threads() if threaded else 1)  # fmt: skip
         return out, masks, ties
 
 
+def model_slots(k: int) -> int:
+    """Arrays in the tuple of fine-tunes a ``gta`` kernel takes for ``k`` models: numba compiles
+    one signature per tuple length, so ``k`` is padded to :data:`MODEL_SLOTS` (or the next
+    multiple of it) with the base, and the kernel reads only the first ``k``."""
+    return -(-max(k, 1) // MODEL_SLOTS) * MODEL_SLOTS
+
+
+MODEL_SLOTS = 8
+"""Model counts up to this share one compiled ``gta`` kernel (beyond: one per multiple)."""
+
+RAW_DTYPES = ("float32", "uint16")
+"""What kernels read: float32, or bf16 as raw 16-bit words (:func:`kernel_input`)."""
+
 KERNELS = ("cabs", "gta")
 """Kernel families a method's spec may name: :func:`cabs_step`, or :func:`gta_merge` with
 :func:`magnitude_hist`."""
 
 
-def warm_up(kernel: str, k: int, raw_dtypes: Sequence[str]) -> None:
-    """Compile, or load from numba's on-disk cache, the ``kernel`` family a merge of ``k``
-    models will call on inputs of ``raw_dtypes`` (``"uint16"`` for bf16, ``"float32"``)."""
+def warm_up(k: int) -> None:
+    """Compile, or load from numba's on-disk cache, every kernel a merge of ``k`` models may
+    call: both families (:data:`KERNELS`), threaded and single-thread variants, for each raw
+    input dtype (:data:`RAW_DTYPES`) and ``k``'s model slots."""
     if not HAVE_NUMBA:
         return
-    for name, size in itertools.product(raw_dtypes, (64, PARALLEL_MIN)):  # both variants
+    for name, size in itertools.product(RAW_DTYPES, (64, PARALLEL_MIN)):  # both variants
         x = np.zeros(size, dtype=np.dtype(name))
-        if kernel == "cabs":
-            no, mask, acc = (
-                np.zeros(size, np.bool_),
-                np.empty(size, np.bool_),
-                np.empty(size, np.float32),
-            )
-            cabs_step(x, x, no, mask, acc, True, 1, 4, np.float32(1), True, True)
-        elif kernel == "gta":
-            magnitude_hist(x, x, 0, None)
-            z = np.zeros(k, dtype=np.int64)
-            gta_merge(x, (x,) * k, z - 1, z, z, True, np.ones(k, np.float32), None, True, True,
-                      None, 1.0)  # fmt: skip
+        no, mask = np.zeros(size, np.bool_), np.empty(size, np.bool_)
+        cabs_step(x, x, no, mask, np.empty(size, np.float32), True, 1, 4, np.float32(1), True,
+                  True)  # fmt: skip
+        magnitude_hist(x, x, 0, None)
+        z = np.zeros(k, dtype=np.int64)
+        gta_merge(x, (x,) * k, z - 1, z, z, True, np.ones(k, np.float32), None, True, True,
+                  None, 1.0)  # fmt: skip
 
 
-def precompile(
-    kernel: str, k: int, raw_dtypes: Sequence[str], announce: Callable[[], None] | None = None
-) -> None:
-    """Compile the kernels of a merge in a child process, once per install and kernel source.
+def precompile(k: int, announce: Callable[[], None] | None = None) -> None:
+    """Compile the kernels in a child process, once per install, kernel source and model
+    slot count (:func:`model_slots`: one for up to 8 models), whatever the method and dtype.
 
     numba compiles on first use, and LLVM's working memory (100-300 MB) would count against
-    the merge's ``--max-memory`` if it happened in the merging process (and takes 20-60 s,
-    so ``announce`` is called first when there is work to do). The child fills
-    numba's on-disk cache; the merge then only loads machine code from it. A marker file
-    next to the cache records success; without a writable cache, or if the child fails,
-    compilation simply happens in-process as before.
+    the merge's ``--max-memory`` if it happened in the merging process (and takes a minute or
+    two, so ``announce`` is called first when there is work to do). The child fills numba's
+    on-disk cache with every signature a merge of ``k`` models can call (:func:`warm_up`), so
+    no later method, model count up to the slot count or input dtype compiles again; the merge
+    only loads machine code. A marker file next to the cache records success; without a
+    writable cache, or if the child fails, compilation simply happens in-process as before.
     """
     if not HAVE_NUMBA:
         return
     here = Path(__file__)
-    key = hashlib.sha256(
-        repr((here.read_bytes(), numba.__version__, kernel, k, sorted(raw_dtypes))).encode()
-    ).hexdigest()[:16]
+    slots = model_slots(k)
+    key = hashlib.sha256(repr((here.read_bytes(), numba.__version__, slots)).encode()).hexdigest()
+    key = key[:16]
     marker = here.parent / "__pycache__" / f"streammerge-kernels-{key}.ok"
     if marker.exists():
         return
-    code = f"from {__name__} import warm_up; warm_up({kernel!r}, {k}, {sorted(raw_dtypes)!r})"
+    code = f"from {__name__} import warm_up; warm_up({slots})"
     if announce is not None:
         announce()
     try:

@@ -205,6 +205,7 @@ def run(
         from .output import check_not_inside
 
         inputs = [parsed.base, *(m.path for m in parsed.models)]
+        inputs += [a for a in (parsed.base_adapter, *(m.adapter for m in parsed.models)) if a]
         check_not_inside(log_json, inputs, "--log-json")
     log = _open_log(log_json) if log_json is not None else None
     try:

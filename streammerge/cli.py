@@ -645,6 +645,40 @@ def inspect(
 
 
 @main.command()
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shard-size", callback=_size, metavar="SIZE", default="5GB", show_default=True,
+              help="Largest output shard (a larger tensor gets its own).")  # fmt: skip
+@_user_errors
+def convert(src: Path, out: Path, shard_size: int) -> None:
+    """Convert a pickle checkpoint folder (pytorch_model.bin, sharded .bin with its index, or a
+    PEFT adapter's adapter_model.bin) into a new safetensors folder OUT.
+
+    Pickles are opened with torch's restricted loader (weights_only=True): one holding more
+    than tensors is refused, never run. One .bin is mapped at a time; OUT appears only when
+    complete. Config, tokenizer and other top-level files are copied; tied weights are written
+    once (as transformers saves them).
+
+    \b
+    Example:
+      streammerge convert ./my-model-bin ./my-model
+    """
+    from .convert import ConvertOptions, convert_checkpoint
+
+    s = convert_checkpoint(src, out, ConvertOptions(shard_size=shard_size))
+    click.echo(
+        f"{s.out_dir}: {s.tensors} tensors, {len(s.shards)} shard"
+        f"{'s' if len(s.shards) != 1 else ''}, {format_size(s.bytes_written)}"
+    )
+    for dropped, kept in s.tied:
+        click.echo(f"tied: {dropped} is {kept} (written once, as {kept})")
+    if s.copied:
+        click.echo(f"copied: {', '.join(s.copied)}")
+    if s.skipped:
+        click.echo(f"left out: {', '.join(s.skipped)}")
+
+
+@main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--inputs", is_flag=True, help="Also check the inputs still match their fingerprints."

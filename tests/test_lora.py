@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_family
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_streaming_equals_reference import load_output, same_bytes
 
 from streammerge import parse_recipe, run_merge
@@ -34,8 +34,6 @@ FINISHED = ("streammerge.json", "model.safetensors.index.json")
 
 
 def base_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(folder / "model.safetensors")
 
 
@@ -211,8 +209,12 @@ def test_adapted_model_is_w_plus_scaled_ba(lora_family: dict, tmp_path: Path) ->
 
 
 def test_fan_in_fan_out(tmp_path: Path) -> None:
-    base, _ = make_family(tmp_path / "m", k=1, dtype=torch.float32)
-    bt = base_tensors(base)
+    """``(B @ A).T`` for GPT-2's Conv1D layout, on a model sharded over three files."""
+    base, _ = make_family(tmp_path / "m", k=1, dtype=torch.float32, shards=(3,))
+    assert (base / "model.safetensors.index.json").exists()
+    bt = {}
+    for shard in base.glob("model-*.safetensors"):
+        bt.update(load_file(shard))
     f = write_adapter(
         tmp_path / "ad",
         bt,
@@ -327,8 +329,6 @@ def test_resume_refuses_a_changed_adapter(lora_family: dict, tmp_path: Path) -> 
     ad2 = lora_family["ad"][1]
     weights = ad2 / "adapter_model.safetensors"
     st = weights.stat()
-    from safetensors.torch import load_file
-
     tensors = load_file(weights)
     key = next(iter(tensors))
     tensors[key] = tensors[key] + 1  # same names, shapes, dtypes and size; mtime kept below

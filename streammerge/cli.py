@@ -205,6 +205,7 @@ def run(
         from .output import check_not_inside
 
         inputs = [parsed.base, *(m.path for m in parsed.models)]
+        inputs += [a for a in (parsed.base_adapter, *(m.adapter for m in parsed.models)) if a]
         check_not_inside(log_json, inputs, "--log-json")
     log = _open_log(log_json) if log_json is not None else None
     try:
@@ -641,6 +642,40 @@ def inspect(
     if plot is not None:
         plot_report(report, plot)
         click.echo(f"plot: {plot}", err=as_json)
+
+
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shard-size", callback=_size, metavar="SIZE", default="5GB", show_default=True,
+              help="Largest output shard (a larger tensor gets its own).")  # fmt: skip
+@_user_errors
+def convert(src: Path, out: Path, shard_size: int) -> None:
+    """Convert a pickle checkpoint folder (pytorch_model.bin, sharded .bin with its index, or a
+    PEFT adapter's adapter_model.bin) into a new safetensors folder OUT.
+
+    Pickles are opened with torch's restricted loader (weights_only=True): one holding more
+    than tensors is refused, never run. One .bin is mapped at a time; OUT appears only when
+    complete. Config, tokenizer and other top-level files are copied; tied weights are written
+    once (as transformers saves them).
+
+    \b
+    Example:
+      streammerge convert ./my-model-bin ./my-model
+    """
+    from .convert import ConvertOptions, convert_checkpoint
+
+    s = convert_checkpoint(src, out, ConvertOptions(shard_size=shard_size))
+    click.echo(
+        f"{s.out_dir}: {s.tensors} tensors, {len(s.shards)} shard"
+        f"{'s' if len(s.shards) != 1 else ''}, {format_size(s.bytes_written)}"
+    )
+    for dropped, kept in s.tied:
+        click.echo(f"tied: {dropped} is {kept} (written once, as {kept})")
+    if s.copied:
+        click.echo(f"copied: {', '.join(s.copied)}")
+    if s.skipped:
+        click.echo(f"left out: {', '.join(s.skipped)}")
 
 
 @main.command()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from . import tokenizer
+from . import lora, tokenizer
 from .card import model_card
 from .checksum import crc32c
 from .device import CudaStager, DeviceStager, default_max_vram, resolve_device
@@ -133,8 +133,14 @@ def run_merge(
         raise StreamMergeError(
             "--executor ray does not run 'slices:' or tokenizer recipes yet; run them locally"
         )
+    adapters = lora.adapter_paths(recipe) if recipe.slices is None else []
+    if adapters and (replay is not None or opts.executor == "ray"):
+        raise StreamMergeError(
+            f"LoRA inputs ({adapters[0]}) are merged by a local `run` only: remix, add and "
+            "--executor ray do not apply adapters yet"
+        )
     inputs = input_paths(recipe)
-    out.check_inputs(inputs + ([replay.source] if replay else []))
+    out.check_inputs(inputs + adapters + ([replay.source] if replay else []))
     files = check_model_files(recipe, opts.copy_tokenizer)
     state = out.inspect()
     # a resume must cut the tensors into the interrupted run's chunks
@@ -144,9 +150,13 @@ def run_merge(
             if recipe.slices is not None:  # read by output tensor name, see slices.py
                 base, models = open_inputs(recipe, opened)  # type: ignore[assignment]
             else:
-                base = opened.enter_context(closing(ModelFolder(recipe.base)))
+                base = opened.enter_context(
+                    closing(lora.open_model(recipe.base, recipe.base_adapter))
+                )
                 sources = replay.inputs(recipe) if replay else inputs[1:]
-                models = [opened.enter_context(closing(ModelFolder(p))) for p in sources]
+                tuned = [None] * len(sources) if replay else [m.adapter for m in recipe.models]
+                models = [opened.enter_context(closing(lora.open_model(p, a)))
+                          for p, a in zip(sources, tuned, strict=True)]  # fmt: skip
             method: Method = recipe.impl
             old_attrs = None
             if replay is not None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import tokenizer
+from . import lora, tokenizer
 from .errors import StreamMergeError
 from .mask_store import STORE_NAME, ZarrMaskStore
 from .methods import METHODS
@@ -150,7 +150,7 @@ def inspect_merge(out_dir: Path | str, *, use_inputs: bool = True) -> MergeRepor
     inputs = None
     if recipe is not None:
         try:
-            inputs = [ModelFolder(recipe.base), *(ModelFolder(m.path) for m in recipe.models)]
+            inputs = lora.open_inputs(recipe)
             # the masks cover the merge's (remapped) token rows
             b, ms, _ = tokenizer.prepare(recipe, inputs[0], inputs[1:])
             inputs = [b, *ms]

@@ -39,7 +39,8 @@ class ModelFolder:
             if pickles:
                 raise InputError(
                     f"{path}: only pickle checkpoints found ({pickles[0]}); streammerge reads "
-                    "safetensors only (pickle files can run arbitrary code); convert it first"
+                    "safetensors only (pickle files can run arbitrary code); convert it first: "
+                    f"streammerge convert {path} NEW_FOLDER"
                 )
             raise InputError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in the folder")
         self.files: dict[str, SafetensorsFile] = {}
@@ -85,6 +86,12 @@ class ModelFolder:
                 head = hashlib.sha256(fh.read(n)).hexdigest()
             out.append((fname, st.st_size, st.st_mtime_ns, head))
         return out
+
+    @property
+    def ref(self) -> str:
+        """How plan digests name this input: its path (``MODEL+ADAPTER`` with a LoRA adapter,
+        :mod:`streammerge.lora`)."""
+        return str(self.path)
 
     def info(self, name: str) -> TensorInfo:
         return self.where[name].tensors[name]

@@ -323,7 +323,7 @@ def plan_digest(
         "version": __version__,
         "recipe": digest(plan.recipe.source),
         "layout": digest(layout),
-        "inputs": {str(f.path): digest(f.fingerprint()) for f in sources},
+        "inputs": {f.ref: digest(f.fingerprint()) for f in sources},
     }
     if replayed is not None:
         out["masks"] = digest(json.loads(json.dumps(dict(replayed), default=str)))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import platform, tokenizer
+from . import lora, platform, tokenizer
 from .device import default_max_vram, resolve_device
 from .errors import StreamMergeError
 from .memory import (
@@ -191,8 +191,7 @@ def describe_plan(
         if recipe.slices is not None:  # read by output tensor name, see slices.py
             base, models = open_inputs(recipe, opened)  # type: ignore[assignment]
         else:
-            base = opened.enter_context(closing(ModelFolder(recipe.base)))
-            models = [opened.enter_context(closing(ModelFolder(m.path))) for m in recipe.models]
+            base, *models = [opened.enter_context(closing(f)) for f in lora.open_inputs(recipe)]
         base, models, tok_out = tokenizer.prepare(recipe, base, models)  # as run_merge does
         if tok_out is not None:
             warnings += tok_out.warnings

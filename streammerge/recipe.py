@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from .errors import RecipeError
+from .lora import split_ref
 from .methods import MERGEKIT_METHODS, METHODS
 from .methods.base import Method, MethodOptions, ModelParams
 from .methods.spec import MethodSpec, Param
@@ -97,6 +98,8 @@ class ModelEntry:
     """Resolved folder."""
     settings: Mapping[str, ParamValue] = field(default_factory=dict)
     """The model's own parameters (scalars, gradients or filter lists)."""
+    adapter: Path | None = None
+    """Resolved LoRA adapter folder (``model: MODEL+ADAPTER``, :mod:`streammerge.lora`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,8 @@ class Recipe:
     slices: SliceLayout | None = None
     """A ``slices:`` recipe's layout (:mod:`streammerge.slices`); then ``models`` holds one
     entry per model slot and ``base`` is the folder giving config.json and tokenizer."""
+    base_adapter: Path | None = None
+    """The base's LoRA adapter folder (``base_model: MODEL+ADAPTER``), if any."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -310,7 +315,7 @@ def parse_recipe(
     # without a base (linear) the first model provides the config and the tensor layout
     first = raw_models[0].get("model") if isinstance(raw_models[0], dict) else raw_models[0]
     base_ref = _model_ref(doc.get("base_model", first), "base_model")
-    base = _resolve(base_ref, recipe_dir, "base_model")
+    base, base_adapter = _resolve_model(base_ref, recipe_dir, "base_model")
     for param in spec.params:
         if param.required and not param.per_model and param.name not in settings:
             raise RecipeError(
@@ -332,11 +337,12 @@ def parse_recipe(
         if not isinstance(mparams, dict):
             raise RecipeError(f"{where}.parameters must be a mapping")
         _string_keys(mparams, f"{where}.parameters")
+        adapter = None
         if require_models or not Path(ref).expanduser().is_absolute():
-            path = _resolve(ref, recipe_dir, f"{where}.model")
+            path, adapter = _resolve_model(ref, recipe_dir, f"{where}.model")
         else:
             path = Path(ref).expanduser().resolve()
-        if path == base and spec.needs_base:
+        if (path, adapter) == (base, base_adapter) and spec.needs_base:
             continue  # mergekit habit: the base listed among the models is the base, not a task
         unknown = sorted(set(mparams) - per_model)
         if unknown:
@@ -351,8 +357,9 @@ def parse_recipe(
         for param in spec.params:
             if param.required and param.per_model and param.name not in own | settings:
                 raise RecipeError(f"{where} ({ref}): {method} needs a '{param.name}'")
-        entries.append(ModelEntry(ref, path, own))
-    if any(entries[i].path == entries[j].path for i in range(len(entries)) for j in range(i)):
+        entries.append(ModelEntry(ref, path, own, adapter))
+    key = [(e.path, e.adapter) for e in entries]
+    if any(key[i] == key[j] for i in range(len(entries)) for j in range(i)):
         raise RecipeError("a model is listed twice under 'models'")
     _check_model_count(spec, len(entries))
     for e in entries:
@@ -372,11 +379,11 @@ def parse_recipe(
 
     def model_index(ref: Any, where: str) -> int:
         """Input index of a model reference (0: the base) for the tokenizer keys."""
-        path = _resolve(_model_ref(ref, where), recipe_dir, where)
-        if path == base:
+        got = _resolve_model(_model_ref(ref, where), recipe_dir, where)
+        if got == (base, base_adapter):
             return 0
         for k, e in enumerate(entries):
-            if e.path == path:
+            if (e.path, e.adapter) == got:
                 return k + 1
         raise RecipeError(f"{where}: {ref!r} is not the base_model or one of the models")
 
@@ -394,6 +401,7 @@ def parse_recipe(
         exclude=tuple(exclude),
         source=dict(doc),
         warnings=tuple(warnings),
+        base_adapter=base_adapter,
     )
 
 
@@ -535,16 +543,38 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 this only adds a hint to a folder that was not found)."""
 
 
-def _resolve(ref: str, recipe_dir: Path, where: str) -> Path:
+def _resolve_model(ref: str, recipe_dir: Path, where: str) -> tuple[Path, Path | None]:
+    """A ``models:``/``base_model:`` reference: a folder, or ``MODEL+ADAPTER`` (a PEFT LoRA
+    adapter folder applied as the model streams, :mod:`streammerge.lora`)."""
+    if "+" not in ref or _candidates(ref, recipe_dir)[1] is not None:
+        return _resolve(ref, recipe_dir, where), None
+    model, adapter = split_ref(ref)
+    return (
+        _resolve(model, recipe_dir, where),
+        _resolve(adapter, recipe_dir, f"{where} (LoRA adapter of {model})"),
+    )
+
+
+def _candidates(ref: str, recipe_dir: Path) -> tuple[list[Path], Path | None]:
+    """Where a relative reference may be (the current directory, then the recipe's folder),
+    and the first that is a folder."""
     p = Path(ref).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p, recipe_dir / p]
-    for c in candidates:
-        if c.is_dir():
-            return c.resolve()
+    return candidates, next((c.resolve() for c in candidates if c.is_dir()), None)
+
+
+def _resolve(ref: str, recipe_dir: Path, where: str) -> Path:
+    p = Path(ref).expanduser()
+    candidates, found = _candidates(ref, recipe_dir)
+    if found is not None:
+        return found
     looked = " or ".join(str(c) for c in candidates)
     hint = ""
     if "+" in ref or "@" in ref:
-        hint = "; LoRA ('+') and revision ('@') references are not supported, give a local folder"
+        hint = (
+            "; revision ('@') references are not supported, and LoRA ('MODEL+ADAPTER') only "
+            "under models: and base_model:; give a local folder"
+        )
     elif _HUB_ID.fullmatch(ref) and not p.exists():
         hint = (
             "; it looks like a Hugging Face hub id, and streammerge reads local folders only "

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import StreamMergeError
+from .lora import open_inputs, reference_apply
 from .methods import TensorId
-from .model import ModelFolder
 from .plan import Densities, layer_positions, tensor_params
 from .recipe import Recipe
 from .tokenizer import plan_vocab, remap_full
@@ -31,7 +31,7 @@ def reference_merge(
     if recipe.slices is not None:  # its tests build their references from the inputs
         raise StreamMergeError("reference_merge does not cover 'slices:' recipes")
     method = recipe.impl
-    folders = [ModelFolder(recipe.base), *(ModelFolder(m.path) for m in recipe.models)]
+    folders = open_inputs(recipe)  # LoRA inputs: the adapter's index, applied below
     with ExitStack() as stack:
         handles = [
             {
@@ -42,7 +42,8 @@ def reference_merge(
         ]
 
         def raw(i: int, name: str) -> torch.Tensor:
-            return handles[i][folders[i].file_of(name).name].get_tensor(name)
+            w = handles[i][folders[i].file_of(name).name].get_tensor(name)
+            return reference_apply(folders[i], name, w)
 
         # token-indexed tensors: every input's whole tensor remapped onto the output vocabulary
         vmap = plan_vocab(recipe, folders[0], folders[1:])

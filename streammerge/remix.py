@@ -19,6 +19,7 @@ from typing import Any
 
 from .engine import Replay, run_merge
 from .errors import RecipeError, StreamMergeError
+from .lora import lora_refs
 from .mask_store import STORE_NAME, ZarrMaskStore, model_index
 from .methods import METHODS
 from .methods.spec import MethodSpec
@@ -76,6 +77,10 @@ def stored_recipe_doc(attrs: Mapping[str, Any]) -> dict[str, Any]:
     source = dict(attrs["recipe"])
     if "slices" in source:  # the store's model slots do not say which layers fed them
         raise StreamMergeError("remix and add do not support 'slices:' merges")
+    if lora_refs(source):  # the store records each model's folder, not its adapter
+        raise StreamMergeError(
+            "remix and add do not support merges of LoRA (MODEL+ADAPTER) inputs yet"
+        )
     own: dict[str, dict[str, Any]] = {}
     for item in source.get("models") or []:
         ref = item.get("model") if isinstance(item, dict) else item

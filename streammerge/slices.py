@@ -556,10 +556,10 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> tuple[SlicedFolder, list[Sl
 def real_folders(folders: Sequence[Any]) -> list[ModelFolder]:
     """The model folders behind a list of folders (sliced roles unwrapped; each once, in
     first-use order): what a plan digest fingerprints."""
-    out: dict[Path, ModelFolder] = {}
+    out: dict[str, ModelFolder] = {}
     for f in folders:
         for r in f.real if isinstance(f, SlicedFolder) else [f]:
-            out.setdefault(r.path, r)
+            out.setdefault(r.ref, r)
     return list(out.values())
 
 

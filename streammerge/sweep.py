@@ -21,6 +21,7 @@ from typing import Any
 
 from .engine import run_merge
 from .errors import RecipeError, StreamMergeError
+from .lora import adapter_paths
 from .options import MergeOptions
 from .recipe import Recipe, load_recipe, parse_recipe
 from .results import RunSummary
@@ -126,6 +127,8 @@ def sweep(
     opts = MergeOptions.build(options, overrides)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(Path(recipe))
+    if recipe.slices is None and (adapters := adapter_paths(recipe)):
+        raise StreamMergeError(f"sweep does not take LoRA inputs ({adapters[0]}) yet")
     out_root = Path(out_root).resolve()  # workers elsewhere need absolute paths
     by_index = {_model_index(recipe, ref): values for ref, values in grid.items()}
     combos = grid_points({str(k): v for k, v in by_index.items()})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import StreamMergeError
 from .journal import INCOMPLETE, digest
-from .model import ModelFolder
+from .lora import open_ref
 from .output import COMPLETE_MARKER, INDEX_NAME, file_sha256, store_digest
 
 
@@ -79,7 +79,7 @@ def verify_output(
         for path, want in sorted(recorded.items()):
             checked += 1
             try:
-                folder = ModelFolder(Path(path))
+                folder = open_ref(path)  # a folder, or MODEL+ADAPTER
             except StreamMergeError as e:
                 problems.append(f"input {path}: {e}")
                 continue

@@ -375,6 +375,8 @@ def parse_recipe(
             if param.required and param.per_model and param.name not in own | settings:
                 raise RecipeError(f"{where} ({ref}): {method} needs a '{param.name}'")
         entries.append(ModelEntry(ref, path, own))
+    if spec.base_as_model and "base_model" in doc and all(e.path != base for e in entries):
+        entries.append(ModelEntry(base_ref, base, {}))  # mergekit adds it to the inputs, last
     if any(entries[i].path == entries[j].path for i in range(len(entries)) for j in range(i)):
         raise RecipeError("a model is listed twice under 'models'")
     _check_model_count(spec, len(entries))

@@ -364,3 +364,19 @@ def test_nuslerp_without_a_base_interpolates_the_models(merged) -> None:
     with_base = {**named, "parameters": m.doc["parameters"]}
     other = {n: t for n, t, _ in reference_merge(parse_recipe(with_base))}
     assert any(not torch.equal(got[n], other[n]) for n in other)
+
+
+def test_karcher_takes_an_unlisted_base_as_the_last_model(merged) -> None:
+    """mergekit 0.1.5 adds a base_model missing from models: to karcher's inputs, last; the
+    output equals the recipe that lists it last, and differs from the mean of a and b alone."""
+    m = merged("basic_karcher")
+    base = m.doc["base_model"]
+    assert [e.path for e in m.recipe.models][-1] == Path(base)
+    listed = {**m.doc, "models": [*m.doc["models"], {"model": base}]}
+    want = {n: t for n, t, _ in reference_merge(parse_recipe(listed))}
+    got = m.tensors()
+    for n, t in want.items():
+        assert torch.equal(got[n], t), n
+    alone = {k: v for k, v in m.doc.items() if k != "base_model"}
+    other = {n: t for n, t, _ in reference_merge(parse_recipe(alone))}
+    assert any(not torch.equal(got[n], other[n]) for n in other)

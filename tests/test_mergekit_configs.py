@@ -297,9 +297,10 @@ def test_streammerge_yaml_cli(name: str, merged, tmp_path: Path) -> None:
     m = merged(name)
     r = CliRunner().invoke(streammerge_yaml, [str(m.recipe_path), str(tmp_path / "o"), "--quiet"])
     assert r.exit_code == 0, r.output
-    assert load(tmp_path / "o").keys() == m.tensors().keys()
-    for n, t in load(tmp_path / "o").items():
-        assert torch.equal(t, m.tensors()[n]), n
+    got, want = load(tmp_path / "o"), m.tensors()
+    assert got.keys() == want.keys()
+    for n, t in got.items():
+        assert torch.equal(t, want[n]), n
     warned = [ln for ln in r.output.splitlines() if "mergekit ignores" in ln]
     if name == "gradient-slerp":
         assert len(warned) == 2 and all(ln.startswith("warning: ") for ln in warned)

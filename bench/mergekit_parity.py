@@ -182,7 +182,10 @@ def tie_keys(
     tied = torch.zeros(n, dtype=torch.bool)
     if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
         for tau, p in zip(taus, params, strict=False):
-            density = float(p.get("density", glob.get("density", 1.0)))
+            setting = p.get("density", glob.get("density", 1.0))
+            if isinstance(setting, list):  # per-layer or filtered: not classified here
+                continue
+            density = float(setting)
             if density >= 1.0:
                 continue
             target = int(density * n)
@@ -202,6 +205,13 @@ def tie_keys(
         k = int(torch.tensor(float(int((var != 0).sum()))) * torch.tensor(topk))
         return boundary_ties(var, 0, k)
     return None
+
+
+def below_one(setting: object) -> bool:
+    """Whether a density setting (a number, a gradient or a filter list) is below 1 anywhere."""
+    if isinstance(setting, list):
+        return any(below_one(v.get("value", 1.0) if isinstance(v, dict) else v) for v in setting)
+    return float(setting) < 1.0  # type: ignore[arg-type]
 
 
 def boundary_ties(key: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -256,7 +266,11 @@ def compare(
         only_mk, only_sm = sorted(set(mk) - set(sm)), sorted(set(sm) - set(mk))
         row.error = f"tensors differ: only mergekit {only_mk[:3]}, only streammerge {only_sm[:3]}"
         return
-    draws = [m.get("parameters", {}).get("density", 1.0) < 1.0 for m in doc["models"]]
+    glob = doc.get("parameters") or {}
+    draws = [
+        below_one((m.get("parameters") or {}).get("density", glob.get("density", 1.0)))
+        for m in doc["models"]
+    ]
     random = METHODS[method].spec.param("random_seed") is not None and any(draws)
     for name in sorted(mk):
         a, b = mk[name], sm[name]

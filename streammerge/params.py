@@ -79,21 +79,26 @@ class FilterRule:
 ParamValue = float | Gradient | tuple[FilterRule, ...]
 
 _RULE_KEYS = frozenset({"filter", "value"})
+MERGEKIT_IGNORED_RULE_KEYS = frozenset({"pattern"})
+"""Keys of a filter rule that mergekit 0.1.5's schema drops without a word (its examples'
+``gradient-slerp.yml`` writes ``pattern:`` for ``filter:``): accepted with a warning, and, as in
+mergekit, without effect. Other unknown keys are still refused (a typo such as ``filtr:``)."""
 
 
-def parse_value(value: Any, name: str, where: str) -> ParamValue:
+def parse_value(value: Any, name: str, where: str, notes: list[str] | None = None) -> ParamValue:
     """Validate one YAML parameter value (scalar, gradient or filter list) for ``name``.
 
     ``where`` locates it in the recipe (e.g. ``"models[1] (tuneB)"`` or ``"parameters"``) and
     every error names ``where``, ``name`` and the offending value. Numeric strings (PyYAML reads
     ``1e-3`` as a string) are accepted as numbers; mergekit would carry them as strings.
+    Warnings (a rule key mergekit ignores) are appended to ``notes``.
     """
     label = f"{where}: '{name}'"
     if isinstance(value, list | tuple):
         if not value:
             raise RecipeError(f"{label}: an empty list is not a valid setting")
         if all(isinstance(v, dict) for v in value):
-            return tuple(_rule(v, f"{label}[{i}]") for i, v in enumerate(value))
+            return tuple(_rule(v, f"{label}[{i}]", notes) for i, v in enumerate(value))
         if any(isinstance(v, dict) for v in value):
             raise RecipeError(
                 f"{label}: a list must hold either only numbers (a gradient) or only "
@@ -138,13 +143,25 @@ def _gradient(values: list[Any] | tuple[Any, ...], label: str) -> Gradient:
     return Gradient(tuple(knots))
 
 
-def _rule(rule: dict[Any, Any], label: str) -> FilterRule:
-    unknown = sorted(str(k) for k in set(rule) - _RULE_KEYS)
+def _rule(rule: dict[Any, Any], label: str, notes: list[str] | None = None) -> FilterRule:
+    unknown = sorted(str(k) for k in set(rule) - _RULE_KEYS - MERGEKIT_IGNORED_RULE_KEYS)
     if unknown:
         raise RecipeError(
             f"{label}: unknown key(s) {', '.join(unknown)} in filter rule {rule!r} "
             "(allowed: filter, value)"
         )
+    for key in sorted(str(k) for k in set(rule) & MERGEKIT_IGNORED_RULE_KEYS):
+        if notes is None:
+            continue
+        given = rule[key]
+        if "filter" in rule:
+            effect = f"this entry keeps its filter {rule['filter']!r}"
+        else:
+            effect = (
+                "so this entry applies to every tensor as in mergekit; write "
+                f"'filter: {given}' to restrict it"
+            )
+        notes.append(f"{label}: mergekit ignores '{key}: {given}' in a filter rule, {effect}")
     if rule.get("value") is None:
         raise RecipeError(f"{label}: filter rule {rule!r} has no 'value'")
     flt = rule.get("filter")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -254,9 +255,26 @@ def load_recipe(path: Path) -> Recipe:
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     try:
-        return replace(parse_recipe(doc, path.parent), text=text)
+        recipe = parse_recipe(doc, path.parent)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
+    warnings = tuple(_with_line(w, path, text) for w in recipe.warnings)
+    return replace(recipe, text=text, warnings=warnings)
+
+
+_IGNORED_RULE_KEY = re.compile(r"mergekit ignores '(\w+): (.*?)' in a filter rule")
+
+
+def _with_line(warning: str, path: Path, text: str) -> str:
+    """Prefix a warning about a filter-rule key mergekit ignores with the file and the line
+    that key is on, when exactly one line of ``text`` holds that key and value."""
+    m = _IGNORED_RULE_KEY.search(warning)
+    if m is None:
+        return warning
+    key, value = (re.escape(g) for g in m.groups())
+    line = re.compile(rf"^\s*(?:-\s+)?{key}\s*:\s*(['\"]?){value}\1\s*(?:#.*)?$")
+    hits = [i for i, t in enumerate(text.splitlines(), 1) if line.match(t)]
+    return f"{path}: line {hits[0]}: {warning}" if len(hits) == 1 else warning
 
 
 def parse_recipe(
@@ -304,10 +322,15 @@ def parse_recipe(
                 )
             strings[key] = value
         else:
-            settings[key] = _setting(param, key, value, "parameters")
+            settings[key] = _setting(param, key, value, "parameters", warnings)
     if "slices" in doc:
         return _sliced_recipe(doc, impl, recipe_dir, settings, strings, warnings)
-    if "base_model" not in doc and not (not spec.needs_base and doc.get("models")):
+    # mergekit's optional base (nuslerp, multislerp): without base_model the models themselves
+    # are interpolated, which is streammerge's ignore_base with the first model for the layout
+    baseless = "base_model" not in doc and spec.param("ignore_base") is not None
+    if baseless:
+        settings["ignore_base"] = 1.0
+    if "base_model" not in doc and not ((baseless or not spec.needs_base) and doc.get("models")):
         raise RecipeError(f"{method} needs a base_model")
     raw_models = doc.get("models")
     if not isinstance(raw_models, list) or not raw_models:
@@ -342,7 +365,7 @@ def parse_recipe(
             path, adapter = _resolve_model(ref, recipe_dir, f"{where}.model")
         else:
             path = Path(ref).expanduser().resolve()
-        if (path, adapter) == (base, base_adapter) and spec.needs_base:
+        if (path, adapter) == (base, base_adapter) and spec.needs_base and not baseless:
             continue  # mergekit habit: the base listed among the models is the base, not a task
         unknown = sorted(set(mparams) - per_model)
         if unknown:
@@ -350,7 +373,7 @@ def parse_recipe(
                 f"{where} ({ref}): parameters not used by {method}, ignored: {', '.join(unknown)}"
             )
         own = {
-            k: _setting(spec.param(k), k, v, f"{where} ({ref})")  # type: ignore[arg-type]
+            k: _setting(spec.param(k), k, v, f"{where} ({ref})", warnings)  # type: ignore[arg-type]
             for k, v in mparams.items()
             if k in per_model
         }
@@ -359,6 +382,10 @@ def parse_recipe(
                 raise RecipeError(f"{where} ({ref}): {method} needs a '{param.name}'")
         entries.append(ModelEntry(ref, path, own, adapter))
     key = [(e.path, e.adapter) for e in entries]
+    if spec.base_as_model and "base_model" in doc and (base, base_adapter) not in key:
+        # mergekit adds the base to the inputs, last
+        entries.append(ModelEntry(base_ref, base, {}, base_adapter))
+        key.append((base, base_adapter))
     if any(key[i] == key[j] for i in range(len(entries)) for j in range(i)):
         raise RecipeError("a model is listed twice under 'models'")
     _check_model_count(spec, len(entries))
@@ -426,7 +453,7 @@ def _sliced_recipe(
         impl.spec,
         resolve_model=lambda ref, where: _resolve(ref, recipe_dir, where),
         model_ref=_model_ref,
-        setting=_setting,
+        setting=partial(_setting, notes=warnings),
         check_count=_check_model_count,
         global_settings=settings,
         warnings=warnings,
@@ -463,10 +490,13 @@ def _string_keys(mapping: Mapping[Any, Any], where: str) -> None:
         raise RecipeError(f"{where}: keys must be names, got {bad[0]!r}")
 
 
-def _setting(param: Param, name: str, value: Any, where: str) -> ParamValue:
+def _setting(
+    param: Param, name: str, value: Any, where: str, notes: list[str] | None = None
+) -> ParamValue:
     """Parse one numeric parameter (written as ``name``, the parameter or one of its aliases)
-    and check every value it can take against the method's declared range."""
-    parsed = parse_value(value, name, where)
+    and check every value it can take against the method's declared range; warnings go to
+    ``notes``."""
+    parsed = parse_value(value, name, where, notes)
     if not param.gradient and _has_gradient(parsed):
         kind = "an integer" if param.kind == "int" else "a number"
         raise RecipeError(f"{where}: '{name}' must be {kind}, not a gradient")

@@ -1,6 +1,7 @@
 """``karcher``: the Riemannian (Karcher / Frechet) mean of the models on the sphere (mergekit).
 
-With the models x_1..x_N (the base takes no part; list it under ``models:`` to include it),
+With the models x_1..x_N (a ``base_model`` not listed under ``models:`` is the last of them,
+as in mergekit 0.1.5, which adds the base to the inputs),
 equal weights ``a = 1/N``, norms ``n_k`` and unit vectors ``u_k = x_k / n_k``:
 
 1. the models with ``n_k > tol`` are the valid ones (none: the result is 0); their weights are
@@ -98,6 +99,7 @@ SPEC = MethodSpec(
         Param("tol", per_model=False, low=0.0, doc="convergence tolerance (1e-5)"),
     ),
     needs_base=False,
+    base_as_model=True,
     min_models=1,
     stats=("float64 Gram matrix of the models per 4096-element block",),
     cuda=True,

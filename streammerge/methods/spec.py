@@ -107,6 +107,9 @@ class MethodSpec:
     needs_base: bool = True
     """False: the base is not part of the arithmetic; without ``base_model`` the first model
     provides the config and layout (``linear``, ``passthrough``)."""
+    base_as_model: bool = False
+    """mergekit 0.1.5 takes a ``base_model`` not listed under ``models:`` as one more model,
+    after the listed ones (``karcher``: its merge ignores the base role but not the input)."""
     min_models: int = 1
     max_models: int | None = None
     """Task models (besides the base) the method accepts; None: any number."""

@@ -222,6 +222,7 @@ def run_merge(
                                           opts.allow_nonfinite, dev, on_tensor)  # fmt: skip
                 with RssSampler() as sampler, StopOnSignals() as stop:
                     scheduler.execute(opts.progress, stop)
+                store.seal()  # the layout log folded into the store's attributes, once
                 summary = RunSummary(
                     out_dir=out.path,
                     tensors=len(plan.tensors),

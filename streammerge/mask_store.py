@@ -345,8 +345,8 @@ class ZarrMaskStore:
                 self._own_made.add((model, tensor))
 
     def _entry(self, model: int, tensor: str) -> _Entry:
-        e = self._entries.get(tensor)
-        if e is None or model not in self._models:
+        e = self._entries.get(tensor)  # the layout is shared: every model has every tensor
+        if e is None or model < 0:
             raise StreamMergeError(f"{self.path}: no mask for model {model}, tensor {tensor!r}")
         return e
 

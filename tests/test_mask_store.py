@@ -284,5 +284,5 @@ def test_format_1_store_is_read_and_not_resumed(tmp_path):
     assert torch.equal(old.read(0, "w").reshape(-1), mask)
     assert torch.equal(old.read_range(0, "w", 8, 40), mask[8:40])
     assert old.kept(0, "w") == 7 and old.names() == ["w"]
-    with pytest.raises(StreamMergeError, match="format 1.*--restart"):
+    with pytest.raises(StreamMergeError, match=r"format 1.*--restart"):
         ZarrMaskStore(path, mode="r+")

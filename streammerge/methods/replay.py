@@ -17,7 +17,6 @@ can do so exactly; see its docstring for the one case it cannot (subnormal under
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,79 +34,25 @@ from .base import (
 )
 from .nm import _INT_OF, magnitude_key, nm_select
 
-BLOCK = 4096
-"""Elements widened at a time into a compiled kernel's stack-sized scratch."""
-
 if kernels.HAVE_NUMBA:
     import numba
 
-    from .kernels import _load, _serial
-
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _apply_one(  # pragma: no cover - compiled
-        base: np.ndarray,
-        ft: np.ndarray,
-        base_bf16: bool,
-        ft_bf16: bool,
-        mask: np.ndarray,
-        acc: np.ndarray,
-        weight: np.float32,
-        first: bool,
-        parts: int,
+        base: np.ndarray, ft: np.ndarray, mask: np.ndarray, acc: np.ndarray, weight: np.float32
     ) -> None:
-        """``acc = (base if first else acc) + (weight * (ft - base)) * mask`` in float32, one
-        fused pass (no fastmath). ``base``/``ft``: float32, or bf16 bit patterns (``uint16``)
-        widened exactly a block at a time, so no float32 copy of a chunk is made: those
-        temporaries cost remix more page-fault time than its arithmetic."""
-        size = acc.size
-        step = (size + parts - 1) // parts
-        for p in numba.prange(parts):
-            ub = np.empty(BLOCK, np.uint32)
-            uf = np.empty(BLOCK, np.uint32)
-            fb, ff = ub.view(np.float32), uf.view(np.float32)
-            for s in range(p * step, min(size, (p + 1) * step), BLOCK):
-                r = min(BLOCK, min(size, (p + 1) * step) - s)
-                _load(base, s, r, base_bf16, fb, ub)
-                _load(ft, s, r, ft_bf16, ff, uf)
-                for j in range(r):
-                    a = fb[j] if first else acc[s + j]
-                    keep = np.float32(1.0) if mask[s + j] else np.float32(0.0)
-                    acc[s + j] = a + (weight * (ff[j] - fb[j])) * keep
+        """``acc += (weight * (ft - base)) * mask`` in float32, one fused pass (no fastmath)."""
+        for i in numba.prange(base.size):
+            t = ft[i] - base[i]
+            acc[i] = acc[i] + (weight * t) * (np.float32(1.0) if mask[i] else np.float32(0.0))
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _prior(  # pragma: no cover - compiled
-        base: np.ndarray,
-        base_bf16: bool,
-        old: np.ndarray,
-        claimed: np.ndarray,
-        acc: np.ndarray,
-        parts: int,
+        base: np.ndarray, old: np.ndarray, claimed: np.ndarray, acc: np.ndarray
     ) -> None:
         """``acc = old if claimed or base == 0 else base`` (the K-model accumulator)."""
-        size = acc.size
-        step = (size + parts - 1) // parts
-        for p in numba.prange(parts):
-            ub = np.empty(BLOCK, np.uint32)
-            fb = ub.view(np.float32)
-            for s in range(p * step, min(size, (p + 1) * step), BLOCK):
-                r = min(BLOCK, min(size, (p + 1) * step) - s)
-                _load(base, s, r, base_bf16, fb, ub)
-                for j in range(r):
-                    c = claimed[s + j] or fb[j] == np.float32(0.0)
-                    acc[s + j] = old[s + j] if c else fb[j]
-
-    _apply_one_serial = _serial(_apply_one)
-    _prior_serial = _serial(_prior)
-
-
-def _parts(size: int) -> int:
-    """Ranges a compiled pass splits ``size`` elements into (1: the serial variant)."""
-    return numba.get_num_threads() if size >= kernels.PARALLEL_MIN else 1
-
-
-def _run(parallel: Any, serial: Any, size: int, *args: Any) -> None:
-    parts = _parts(size)
-    (parallel if parts > 1 else serial)(*args, parts)
+        for i in numba.prange(base.size):
+            acc[i] = old[i] if claimed[i] or base[i] == np.float32(0.0) else base[i]
 
 
 def apply_masks(
@@ -123,28 +68,14 @@ def apply_masks(
     re-weighting a CABS merge needs no selection work. In float32 with numba, one fused
     compiled pass per model performs the same IEEE operations as the torch code below.
     """
-    if dtype == torch.float32 and kernels.enabled() and fts:
-        bn = kernels.kernel_input(base)
-        acc = torch.empty(base.numel(), dtype=dtype)
-        an = acc.numpy()
-        for i, (ft, mask, w) in enumerate(zip(fts, masks, weights, strict=True)):
-            f = kernels.kernel_input(ft)
-            _run(
-                _apply_one,
-                _apply_one_serial,
-                an.size,
-                bn,
-                f,
-                bn.dtype == np.uint16,
-                f.dtype == np.uint16,
-                mask.contiguous().numpy(),
-                an,
-                np.float32(w),
-                i == 0,
-            )
-        return acc
     b = base.to(dtype)
     acc = b.clone()
+    if dtype == torch.float32 and kernels.enabled():
+        bn, an = b.contiguous().numpy(), acc.numpy()
+        for ft, mask, w in zip(fts, masks, weights, strict=True):
+            f = ft.to(dtype).contiguous().numpy()
+            _apply_one(bn, f, mask.contiguous().numpy(), an, np.float32(w))
+        return acc
     for ft, mask, w in zip(fts, masks, weights, strict=True):
         tau = ft.to(dtype, copy=True).sub_(b)
         acc.add_(tau.mul_(scalar(w, dtype)).mul_(mask))
@@ -208,37 +139,33 @@ def add_next(
     which differs from a full run only if that model's ``w * tau`` underflowed to ``-0.0``
     (``|w * tau|`` below the smallest subnormal) on a zero base.
     """
-    numel = base.numel()
-    claimed = old_masks[0].clone() if old_masks else torch.zeros(numel, dtype=torch.bool)
+    b = base.to(dtype)
+    claimed = old_masks[0].clone() if old_masks else torch.zeros(b.numel(), dtype=torch.bool)
     for mk in old_masks[1:]:
         claimed |= mk
     p = params[-1]
     compiled = dtype == torch.float32 and kernels.enabled()
-    exact = cast_is_exact(dtype, out_dtype)
     # acc_K where it is known exactly (and, where claimed, exactly when the cast is exact)
     old_c = old_out.to(dtype)
-    if compiled:  # bf16 inputs read as they are: no float32 copies of the chunk
-        bn, fn = kernels.kernel_input(base), kernels.kernel_input(ft)
-        acc = torch.empty(numel, dtype=dtype)
-        _run(_prior, _prior_serial, numel, bn, bn.dtype == np.uint16,
-             old_c.contiguous().numpy(), claimed.numpy(), acc.numpy())  # fmt: skip
-        # the compiled CABS step: the same selection and ``acc += (w * tau) * mask``; it
-        # marks what it claims, so ``claimed`` is copied only when the fix-up below reads it
-        mask_np = np.empty(numel, dtype=np.bool_)
-        kernels.cabs_step(bn, fn, claimed.numpy() if exact else claimed.numpy().copy(),
-                          mask_np, acc.numpy(), False, p.n, p.m, np.float32(p.weight), True,
+    if compiled:
+        acc = torch.empty_like(b)
+        _prior(b.contiguous().numpy(), old_c.contiguous().numpy(), claimed.numpy(), acc.numpy())
+        # the compiled CABS step: the same selection and ``acc += (w * tau) * mask``
+        mask_np = np.empty(b.numel(), dtype=np.bool_)
+        kernels.cabs_step(b.contiguous().numpy(), ft.to(dtype).contiguous().numpy(),
+                          claimed.numpy().copy(), mask_np, acc.numpy(), False, p.n, p.m,
+                          np.float32(p.weight), True,
                           options.tail_policy == "keep_topn_padded")  # fmt: skip
         mask = torch.from_numpy(mask_np)
     else:
-        b = base.to(dtype)
         acc = torch.where(claimed | (b == 0), old_c, b)
         tau = ft.to(dtype, copy=True).sub_(b)
         mask = select_next(tau, claimed, p, options)
         acc.add_(tau.mul_(scalar(p.weight, dtype)).mul_(mask))
-        del tau, b
+        del tau
     del old_c
     out = acc.to(out_dtype)
-    if not exact:
+    if not cast_is_exact(dtype, out_dtype):
         # candidates: an old -0.0 (sign bit only), rare; the other conditions on those alone
         it = _INT_OF[out_dtype]
         idx = torch.nonzero(old_out.view(it) == torch.iinfo(it).min).squeeze(1)
@@ -247,8 +174,7 @@ def add_next(
             for mk, q in zip(old_masks, params, strict=False):
                 if float(scalar(q.weight, dtype)) == 0.0:
                     zero_w |= mk[idx]
-            zero_b = base[idx].to(dtype) == 0
-            keep = claimed[idx] & ~torch.isnan(acc[idx]) & ~(zero_b & zero_w)
+            keep = claimed[idx] & ~torch.isnan(acc[idx]) & ~((b[idx] == 0) & zero_w)
             out[idx[keep]] = old_out[idx[keep]]
     return MergeResult(out, [*old_masks, mask])
 

@@ -16,7 +16,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -232,6 +232,7 @@ def run_merge(
                                           opts.allow_nonfinite, dev, on_tensor)  # fmt: skip
                 with RssSampler() as sampler, StopOnSignals() as stop:
                     scheduler.execute(opts.progress, stop)
+                store.seal()  # the layout log folded into the store's attributes, once
                 summary = RunSummary(
                     out_dir=out.path,
                     tensors=len(plan.tensors),
@@ -276,6 +277,9 @@ class UnitLog:
 
     def append(self, entry: Mapping[str, object]) -> None:
         self.entries.append(dict(entry))
+
+    def extend(self, entries: Iterable[Mapping[str, object]]) -> None:
+        self.entries.extend(dict(e) for e in entries)
 
 
 @dataclass(frozen=True)
@@ -494,8 +498,7 @@ class Scheduler:
         if self.writer is not None:
             self.writer.sync()
         self.store.sync(self._pending_masks)
-        for entry in self._pending:
-            self.journal.append(entry)
+        self.journal.extend(self._pending)  # one sync for the batch
         self._pending.clear()
         self._pending_masks.clear()
         self._last_flush = time.monotonic()

@@ -160,7 +160,7 @@ def inspect_merge(out_dir: Path | str, *, use_inputs: bool = True) -> MergeRepor
     rows = []
     try:
         for name in names:
-            infos = [dict(store.group[f"masks/{i}/{name}"].attrs) for i in range(k)]
+            infos = [store.info(i, name) for i in range(k)]
             numel = int(infos[0]["numel"])
             kept = tuple(int(info.get("kept") or 0) for info in infos)
             nm = [(int(info.get("n") or 0), int(info.get("m") or 1)) for info in infos]
@@ -204,9 +204,8 @@ def inspect_merge(out_dir: Path | str, *, use_inputs: bool = True) -> MergeRepor
 
 def _mask_names(store: ZarrMaskStore, out_dir: Path) -> list[str]:
     """Tensors with masks, in the output's on-disk order when the output can be read."""
-    try:
-        stored = set(store.group["masks/0"].array_keys())  # type: ignore[union-attr]
-    except KeyError:
+    stored = set(store.names())
+    if not stored:
         return []
     try:
         out = ModelFolder(out_dir)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -156,11 +156,19 @@ class Journal:
         self.platform.sync_dir(self.dir)
 
     def append(self, entry: Mapping[str, Any]) -> None:
+        self.extend((entry,))
+
+    def extend(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """Append lines, durable on return: one sync for the batch (a sync per line cost a
+        MoE's flush ~2 ms a tensor); a crash before it leaves at most a torn tail."""
         if self._f is None:
             # the journal may end in a torn line from a crash: cut it before appending
             self._truncate_torn_tail()
             self._f = self.path.open("a", encoding="utf-8", newline="")
-        self._f.write(json.dumps(entry) + "\n")
+        text = "".join(json.dumps(entry) + "\n" for entry in entries)
+        if not text:
+            return
+        self._f.write(text)
         self._f.flush()
         self.platform.full_sync(self._f.fileno())
 

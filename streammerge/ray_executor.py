@@ -362,6 +362,7 @@ class RayExecutor:
                 if task.merged:
                     for k in range(len(self.plan.recipe.models)):
                         self.store.create(k, task.name, task.shape, task.chunk_elems)
+        self.store.sync(())  # the layout, durable before any worker opens the store
 
     def _skip(self, ti: int, task: TensorTask, bar: tqdm) -> None:
         """A tensor the journal lists as done (resume)."""
@@ -380,6 +381,7 @@ class RayExecutor:
             kept = [sum(done.kept[(ti, ci)][m] for ci in range(n)) for m in range(k)]
             for m in range(k):
                 self.store.finish(m, task.name, kept[m], mask_info(task.params[m]))
+            self.store.sync(())  # the counts, durable before the journal line
             self.kept[task.name] = kept
         self.journal.append({"tensor": ti})
         done.tensors.add(ti)

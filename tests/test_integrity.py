@@ -303,7 +303,7 @@ def test_renames_and_new_files_are_durable_before_what_depends_on_them(fam, tmp_
     from streammerge.platform import Platform
 
     events: list[tuple[str, str]] = []
-    sync_dir, unlink, append = Platform.sync_dir, Path.unlink, Journal.append
+    sync_dir, unlink, extend = Platform.sync_dir, Path.unlink, Journal.extend
 
     def log_sync_dir(self, path):  # type: ignore[no-untyped-def]
         events.append(("dir", str(path)))
@@ -313,13 +313,14 @@ def test_renames_and_new_files_are_durable_before_what_depends_on_them(fam, tmp_
         events.append(("unlink", self.name))
         unlink(self, *a, **k)
 
-    def log_append(self, entry):  # type: ignore[no-untyped-def]
-        events.append(("journal", json.dumps(entry)))
-        append(self, entry)
+    def log_extend(self, entries):  # type: ignore[no-untyped-def]
+        entries = list(entries)
+        events.extend(("journal", json.dumps(entry)) for entry in entries)
+        extend(self, entries)
 
     monkeypatch.setattr(Platform, "sync_dir", log_sync_dir)
     monkeypatch.setattr(Path, "unlink", log_unlink)
-    monkeypatch.setattr(Journal, "append", log_append)
+    monkeypatch.setattr(Journal, "extend", log_extend)
     out = tmp_path / "out"
     run_merge(fam[2], out, **RUN)
     first_chunk = next(i for i, e in enumerate(events) if e[0] == "journal" and "chunk" in e[1])

@@ -90,6 +90,23 @@ class TestZarrMaskStore(MaskStoreContract):
         return ZarrMaskStore(tmp_path / "occupancy.zarr", mode="w")
 
 
+class TestZarrMaskStoreReopened(MaskStoreContract):
+    """Every write goes through a sync, seal and a fresh reader before it is read back."""
+
+    @pytest.fixture
+    def store(self, tmp_path):
+        return Reopening(tmp_path / "occupancy.zarr")
+
+
+class Reopening(ZarrMaskStore):
+    def __init__(self, path):
+        super().__init__(path, mode="w")
+
+    def read(self, model, tensor):
+        self.seal()
+        return ZarrMaskStore(self.path).read(model, tensor)
+
+
 class TestMemoryMaskStore(MaskStoreContract):
     @pytest.fixture
     def store(self, tmp_path):
@@ -156,10 +173,17 @@ def test_read_mask_after_a_merge(merged, tensor):
     for m in (a, b):
         blocks = torch.nn.functional.pad(m, (0, -numel % 4)).reshape(-1, 4)
         assert blocks.sum(1).max() <= 2
-    # the stored kept count agrees with the bits
+    # the stored kept count agrees with the bits; zarr reads the sealed store as it is
     group = zarr.open_group(str(out / "occupancy.zarr"), mode="r")
+    entry = group["masks"].attrs["tensors"][tensor]  # type: ignore[index]
     for k, mask in enumerate(by_index):
-        assert group[f"masks/{k}/{tensor}"].attrs["kept"] == int(mask.sum())
+        assert entry["kept"][k] == int(mask.sum())
+        packed = np.packbits(mask.reshape(-1).numpy())
+        if entry["offset"] is None:
+            raw = np.asarray(group[f"masks/{k}/{tensor}"][:])
+        else:
+            raw = np.asarray(group[f"masks/{k}/packed"][entry["offset"] :][: packed.size])
+        assert np.array_equal(raw, packed)
 
 
 def test_masks_are_not_empty(merged):
@@ -181,3 +205,84 @@ def test_read_mask_unknown_model_lists_the_models(merged):
 def test_read_mask_without_a_store(tmp_path):
     with pytest.raises(StreamMergeError):
         read_mask(tmp_path, 0, "embed.weight")
+
+
+def test_small_tensors_share_packed_chunks(tmp_path):
+    """A thousand small masks are a handful of files, written by one sync, and read back
+    before and after the seal (and by a fresh reader)."""
+    path = tmp_path / "occupancy.zarr"
+    store = ZarrMaskStore(path, mode="w")
+    masks = {}
+    for i in range(1000):
+        name = f"model.layers.{i}.experts.w"
+        masks[name] = random_mask(700 + i, seed=i)
+        for k in range(2):
+            store.create(k, name, (700 + i,), 2048)
+            store.write(k, name, 0, masks[name] if k else ~masks[name])
+            store.finish(k, name, int(masks[name].sum()), {"weight": 1.0})
+    assert torch.equal(store.read(1, "model.layers.3.experts.w"), masks["model.layers.3.experts.w"])
+    store.sync()
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert len(files) < 20, files  # not one array per model and tensor
+    store.seal()
+    assert not (path / "masks" / "layout.jsonl").exists()
+    again = ZarrMaskStore(path)
+    for name, mask in masks.items():
+        assert torch.equal(again.read(1, name), mask)
+        assert torch.equal(again.read(0, name), ~mask)
+        assert again.kept(1, name) == int(mask.sum())
+    assert again.names() == list(masks)
+    assert again.info(0, "model.layers.9.experts.w") == {
+        "shape": [709],
+        "numel": 709,
+        "weight": 1.0,
+        "kept": int(masks["model.layers.9.experts.w"].sum()),
+    }
+
+
+def test_an_interrupted_store_resumes_from_its_layout_log(tmp_path):
+    """What was synced before a crash is there on resume; the layout continues in order, so
+    the sealed store is the same bytes as one written without the interruption."""
+
+    def fill(store, names):
+        for i, name in enumerate(names):
+            store.create(0, name, (100 + i,), 256)
+            store.write(0, name, 0, random_mask(100 + i, seed=i))
+            store.finish(0, name, i)
+
+    names = [f"t{i}" for i in range(50)]
+    whole = ZarrMaskStore(tmp_path / "whole.zarr", mode="w")
+    fill(whole, names)
+    whole.seal()
+    cut = ZarrMaskStore(tmp_path / "cut.zarr", mode="w")
+    fill(cut, names[:30])
+    cut.sync()
+    del cut  # a crash: never sealed
+    resumed = ZarrMaskStore(tmp_path / "cut.zarr", mode="r+")
+    assert resumed.kept(0, "t29") == 29
+    fill(resumed, names)  # a resume redoes from the first unjournaled tensor on: same bytes
+    resumed.seal()
+
+    def tree(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file()}  # fmt: skip
+
+    assert tree(tmp_path / "whole.zarr") == tree(tmp_path / "cut.zarr")
+
+
+def test_format_1_store_is_read_and_not_resumed(tmp_path):
+    """A store of an older streammerge (one array per model and tensor, attributes on each)
+    still reads; resuming into it is refused with an error line."""
+    path = tmp_path / "occupancy.zarr"
+    group = zarr.open_group(str(path), mode="w")
+    group.create_group("masks")
+    mask = random_mask(100, seed=1)
+    arr = group.create_array("masks/0/w", shape=(13,), chunks=(13,), dtype="uint8",
+                             attributes={"shape": [10, 10], "numel": 100, "kept": 7})  # fmt: skip
+    arr[:] = np.packbits(mask.numpy())
+    old = ZarrMaskStore(path)
+    assert torch.equal(old.read(0, "w").reshape(-1), mask)
+    assert torch.equal(old.read_range(0, "w", 8, 40), mask[8:40])
+    assert old.kept(0, "w") == 7 and old.names() == ["w"]
+    with pytest.raises(StreamMergeError, match=r"format 1.*--restart"):
+        ZarrMaskStore(path, mode="r+")

@@ -398,13 +398,13 @@ def test_tadrop_allocates_recorded_densities_and_matches_reference(tmp_path, met
     for name, _, masks in reference_merge(recipe):
         if masks is not None:
             numel[name] = masks[0].numel()
-            dens[name] = store._array(0, name).attrs["density"]
+            dens[name] = store.info(0, name)["density"]
     d_bar = 0.25 if method == "cabs" else 0.3
     achieved = sum(numel[n] * dens[n] for n in numel) / sum(numel.values())
     tol = 0.02 if method == "cabs" else 1e-3  # n:m rounds each density to a multiple of 1/m
     assert abs(achieved - d_bar) < tol
     assert len({round(d, 6) for d in dens.values()}) > 2  # densities really differ per tensor
-    densities = {(k, n): store._array(k, n).attrs["density"] for n in numel for k in range(2)}
+    densities = {(k, n): store.info(k, n)["density"] for n in numel for k in range(2)}
     got = load_output(out)
     for name, expected, _ in reference_merge(recipe, densities):
         assert same_bytes(got[name], expected), name

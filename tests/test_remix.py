@@ -152,6 +152,33 @@ def test_apply_masks_equals_cabs(overlap, compiled, monkeypatch):
     assert torch.equal(got.view(torch.int32), res.out.view(torch.int32))
 
 
+@pytest.mark.parametrize("n", [4096 + 13, (1 << 18) + 4099])  # serial and threaded kernels
+def test_compiled_replay_reads_bf16_inputs_as_the_torch_path(n, monkeypatch):
+    """The compiled remix and add read bf16 chunks as they are (no float32 copies): the same
+    bytes as the torch path, which widens first, on either side of the threading cut-off."""
+    g = torch.Generator().manual_seed(n)
+    base, fts = signed_zero_inputs(n=n, k=3)
+    base = (base + torch.randn(n, generator=g) * 0.01).to(torch.bfloat16)
+    fts = [(f + torch.randn(n, generator=g) * 0.01).to(torch.bfloat16) for f in fts]
+    params = [ModelParams(w, 1, 4) for w in (1.0, -0.7, 0.3)]
+    opts = MethodOptions()
+    tid = TensorId("t", n)
+    old = run_chunked(CABS, tid, base, fts[:2], params[:2], opts, torch.float32, chunk=1 << 20)
+    old_out = old.out.to(torch.bfloat16)
+    weights = [p.weight for p in params[:2]]
+    compiled = apply_masks(base, fts[:2], old.masks, weights, torch.float32)
+    added = add_next(base, fts[2], old_out, old.masks, params, opts, torch.float32,
+                     torch.bfloat16)  # fmt: skip
+    monkeypatch.setattr(replay_mod.kernels, "enabled", lambda: False)
+    plain = apply_masks(base, fts[:2], old.masks, weights, torch.float32)
+    assert torch.equal(compiled.view(torch.int32), plain.view(torch.int32))
+    assert torch.equal(compiled.view(torch.int32), old.out.view(torch.int32))
+    want = add_next(base, fts[2], old_out, old.masks, params, opts, torch.float32, torch.bfloat16)
+    assert torch.equal(added.out.view(torch.int16), want.out.view(torch.int16))
+    for a, b in zip(added.masks, want.masks, strict=True):
+        assert torch.equal(a, b)
+
+
 # --- end to end through the CLI ---------------------------------------------------------------
 
 

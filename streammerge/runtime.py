@@ -112,24 +112,28 @@ def precompile_kernels(
     verbose: bool = False,
     method: Method | None = None,
 ) -> None:
-    """Have the compiled kernels built outside this process (see ``kernels.precompile``) when
-    the method uses one: all of them, for every input dtype and up to 8 models, so that no
-    later merge compiles. ``method``: the one that runs (default: the recipe's, from this
-    process's registry)."""
+    """Have the compiled kernels the method's spec names built outside this process (see
+    ``kernels.precompile``), for the raw input dtypes this plan will feed them. ``method``:
+    the one that runs (default: the recipe's, from this process's registry)."""
     kernel = (method or plan.recipe.impl).spec.kernel
-    if kernel is not None and plan.recipe.dtype == torch.float32:
+    raw = {
+        "uint16" if src.info(t.name).dtype == "BF16" else "float32"
+        for t in plan.tensors
+        if t.merged
+        for src in (base, *models)
+    }
+    if kernel is not None and raw and plan.recipe.dtype == torch.float32:
         from .methods import kernels
 
-        kernels.precompile(len(models), _announce if verbose else None)
+        kernels.precompile(kernel, len(models), sorted(raw), _announce if verbose else None)
 
 
 KERNEL_NOTICE = (
-    "compiling the merge kernels (CABS and the TIES/DARE/magnitude family, bf16 and float32 "
-    "inputs, up to 8 models; once per install and again after an upgrade; about a minute or "
-    "two, not counted in the merge time)..."
+    "compiling the merge kernels for this method and input dtype (for 1 to 8 models; once per "
+    "install and again after an upgrade; up to a minute, not counted in the merge time)..."
 )
-"""What ``kernels.precompile`` is about to do (its cache key is the kernel source, numba's
-version and the model slot count)."""
+"""What ``kernels.precompile`` is about to do: its cache key is the kernel family, the input
+dtypes, the model slot count (one for 1 to 8 models), the kernel source and numba's version."""
 
 
 def _announce() -> None:

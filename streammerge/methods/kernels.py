@@ -41,7 +41,7 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -662,45 +662,49 @@ KERNELS = ("cabs", "gta")
 :func:`magnitude_hist`."""
 
 
-def warm_up(k: int) -> None:
-    """Compile, or load from numba's on-disk cache, every kernel a merge of ``k`` models may
-    call: both families (:data:`KERNELS`), threaded and single-thread variants, for each raw
-    input dtype (:data:`RAW_DTYPES`) and ``k``'s model slots."""
+def warm_up(kernel: str, k: int, raw_dtypes: Sequence[str]) -> None:
+    """Compile, or load from numba's on-disk cache, the ``kernel`` family (threaded and
+    single-thread variants) a merge of ``k`` models will call on inputs of ``raw_dtypes``
+    (``"uint16"`` for bf16, ``"float32"``); the ``gta`` kernel for ``k``'s model slots."""
     if not HAVE_NUMBA:
         return
-    for name, size in itertools.product(RAW_DTYPES, (64, PARALLEL_MIN)):  # both variants
+    for name, size in itertools.product(raw_dtypes, (64, PARALLEL_MIN)):  # both variants
         x = np.zeros(size, dtype=np.dtype(name))
-        no, mask = np.zeros(size, np.bool_), np.empty(size, np.bool_)
-        cabs_step(x, x, no, mask, np.empty(size, np.float32), True, 1, 4, np.float32(1), True,
-                  True)  # fmt: skip
-        magnitude_hist(x, x, 0, None)
-        z = np.zeros(k, dtype=np.int64)
-        gta_merge(x, (x,) * k, z - 1, z, z, True, np.ones(k, np.float32), None, True, True,
-                  None, 1.0)  # fmt: skip
+        if kernel == "cabs":
+            no, mask = np.zeros(size, np.bool_), np.empty(size, np.bool_)
+            cabs_step(x, x, no, mask, np.empty(size, np.float32), True, 1, 4, np.float32(1),
+                      True, True)  # fmt: skip
+        elif kernel == "gta":
+            magnitude_hist(x, x, 0, None)
+            z = np.zeros(k, dtype=np.int64)
+            gta_merge(x, (x,) * k, z - 1, z, z, True, np.ones(k, np.float32), None, True, True,
+                      None, 1.0)  # fmt: skip
 
 
-def precompile(k: int, announce: Callable[[], None] | None = None) -> None:
-    """Compile the kernels in a child process, once per install, kernel source and model
-    slot count (:func:`model_slots`: one for up to 8 models), whatever the method and dtype.
+def precompile(
+    kernel: str, k: int, raw_dtypes: Sequence[str], announce: Callable[[], None] | None = None
+) -> None:
+    """Compile a merge's kernels in a child process, once per install, kernel source, kernel
+    family, input dtypes and model slot count (:func:`model_slots`: one for 1 to 8 models).
 
     numba compiles on first use, and LLVM's working memory (100-300 MB) would count against
-    the merge's ``--max-memory`` if it happened in the merging process (and takes a minute or
-    two, so ``announce`` is called first when there is work to do). The child fills numba's
-    on-disk cache with every signature a merge of ``k`` models can call (:func:`warm_up`), so
-    no later method, model count up to the slot count or input dtype compiles again; the merge
-    only loads machine code. A marker file next to the cache records success; without a
-    writable cache, or if the child fails, compilation simply happens in-process as before.
+    the merge's ``--max-memory`` if it happened in the merging process (and takes 20-60 s,
+    so ``announce`` is called first when there is work to do). The child fills numba's
+    on-disk cache; the merge then only loads machine code from it. A marker file next to the
+    cache records success; without a writable cache, or if the child fails, compilation
+    simply happens in-process as before.
     """
     if not HAVE_NUMBA:
         return
     here = Path(__file__)
-    slots = model_slots(k)
-    key = hashlib.sha256(repr((here.read_bytes(), numba.__version__, slots)).encode()).hexdigest()
-    key = key[:16]
+    slots, dtypes = model_slots(k), sorted(raw_dtypes)
+    key = hashlib.sha256(
+        repr((here.read_bytes(), numba.__version__, kernel, slots, dtypes)).encode()
+    ).hexdigest()[:16]
     marker = here.parent / "__pycache__" / f"streammerge-kernels-{key}.ok"
     if marker.exists():
         return
-    code = f"from {__name__} import warm_up; warm_up({slots})"
+    code = f"from {__name__} import warm_up; warm_up({kernel!r}, {slots}, {dtypes!r})"
     if announce is not None:
         announce()
     try:

@@ -337,6 +337,7 @@ def run_one(
     print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
     res: dict[str, Any] = {"tool": tool, "cmd": shlex.join(cmd), "resident_before": resident}
     res.update(measure(cmd, env=env, stdout=2))  # keep our stdout for the table
+    print("row: " + json.dumps(res), file=sys.stderr, flush=True)  # kept if the run is cut short
     if res["returncode"] == 0:
         res["sync_s"] = round(fsync_tree(out), 3)
         res["wall_durable_s"] = round(res["wall_s"] + res["sync_s"], 3)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
+from test_streaming_equals_reference import load_output
 
 from streammerge.cli import main
 from streammerge.convert import ConvertOptions, convert_checkpoint
@@ -37,15 +38,6 @@ def checkpoint() -> dict[str, torch.Tensor]:
     }
 
 
-def files_of(out: Path) -> dict[str, torch.Tensor]:
-    got = {}
-    for f in sorted(out.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
-                got[k] = h.get_tensor(k)
-    return got
-
-
 def equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
@@ -68,7 +60,7 @@ def test_single_bin_round_trip(tmp_path: Path) -> None:
     assert s.tied == (("lm_head.weight", "model.embed_tokens.weight"),)
     assert set(s.copied) == {"config.json", "tokenizer.json"}
     assert "training_args.bin" in s.skipped and "runs/" in s.skipped
-    got = files_of(out)
+    got = load_output(out)
     assert set(got) == set(ckpt) - {"lm_head.weight"}
     for name, t in got.items():
         assert equal(t, ckpt[name]), name
@@ -101,7 +93,7 @@ def test_sharded_bin_with_index(tmp_path: Path) -> None:
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert set(index["weight_map"].values()) == set(shards)
-    got = files_of(out)
+    got = load_output(out)
     assert set(index["weight_map"]) == set(got) == set(ckpt) - {"lm_head.weight"}
     for name, fname in index["weight_map"].items():
         with safe_open(out / fname, framework="pt") as h:
@@ -120,7 +112,7 @@ def test_legacy_format_is_read_whole(tmp_path: Path) -> None:
     t = {"w": torch.randn(5, 3)}
     torch.save(t, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     convert_checkpoint(src, out)
-    assert equal(files_of(out)["w"], t["w"])
+    assert equal(load_output(out)["w"], t["w"])
 
 
 def test_adapter_bin_becomes_a_lora_input(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ from streammerge.reference import reference_merge
 
 
 def load_output(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in ``out``."""
     tensors = {}
-    for f in sorted(out.glob("model-*.safetensors")):
+    for f in sorted(out.glob("*.safetensors")):
         with safe_open(f, framework="pt") as h:
             for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensors[k] = h.get_tensor(k)

@@ -189,7 +189,7 @@ def test_adapted_model_is_w_plus_scaled_ba(lora_family: dict, tmp_path: Path) ->
     patterns, an embedding, a replaced tensor, untouched tensors byte-identical)."""
     ft1, ad1 = lora_family["fts"][0], lora_family["ad"][0]
     recipe = parse_recipe({"merge_method": "passthrough", "models": [{"model": f"{ft1}+{ad1}"}]})
-    run_merge(recipe, tmp_path / "out", chunk_elems=29, max_memory=2**30)
+    run_merge(recipe, tmp_path / "out", chunk_elems=29, max_memory=2**32)
     got, ft = load_output(tmp_path / "out"), base_tensors(ft1)
     f = lora_family["factors"][0]
     attn = expected(ft["layer.0.attn.weight"], *f["layer.0.attn.weight"], 3 / math.sqrt(4), False)
@@ -224,7 +224,7 @@ def test_fan_in_fan_out(tmp_path: Path) -> None:
     recipe = parse_recipe(
         {"merge_method": "passthrough", "models": [{"model": f"{base}+{tmp_path / 'ad'}"}]}
     )
-    run_merge(recipe, tmp_path / "out", chunk_elems=31, max_memory=2**30)
+    run_merge(recipe, tmp_path / "out", chunk_elems=31, max_memory=2**32)
     got = load_output(tmp_path / "out")["layer.0.mlp.weight"]
     assert close_to(got, expected(bt["layer.0.mlp.weight"], *f["layer.0.mlp.weight"], 2.0, True))
 
@@ -258,7 +258,7 @@ def test_stream_equals_reference_at_awkward_chunks(
     outputs = []
     for chunk in (7, 53, 1000):
         out = tmp_path / f"out-{chunk}"
-        run_merge(recipe, out, chunk_elems=chunk, max_memory=2**30, mask_store=MemoryMaskStore())
+        run_merge(recipe, out, chunk_elems=chunk, max_memory=2**32, mask_store=MemoryMaskStore())
         got = load_output(out)
         assert set(got) == set(ref)
         for name, want in ref.items():
@@ -283,7 +283,7 @@ def test_two_adapters_on_one_base(lora_family: dict, tmp_path: Path) -> None:
         }
     )
     assert [m.adapter for m in recipe.models] == [ad1, ad2]
-    run_merge(recipe, tmp_path / "out", chunk_elems=41, max_memory=2**30)
+    run_merge(recipe, tmp_path / "out", chunk_elems=41, max_memory=2**32)
     got = load_output(tmp_path / "out")
     for name, want, _ in reference_merge(recipe):
         assert same_bytes(got[name], want), name
@@ -324,7 +324,7 @@ def test_resume_refuses_a_changed_adapter(lora_family: dict, tmp_path: Path) -> 
             raise KeyboardInterrupt  # an interrupted run: journal kept, no marker
 
     with pytest.raises(KeyboardInterrupt):
-        run_merge(recipe, out, chunk_elems=7, max_memory=2**30, on_tensor=stop)
+        run_merge(recipe, out, chunk_elems=7, max_memory=2**32, on_tensor=stop)
     assert not (out / "streammerge.json").exists()
     ad2 = lora_family["ad"][1]
     weights = ad2 / "adapter_model.safetensors"
@@ -336,10 +336,10 @@ def test_resume_refuses_a_changed_adapter(lora_family: dict, tmp_path: Path) -> 
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert weights.stat().st_size == st.st_size
     with pytest.raises(StreamMergeError, match=r"lora2.*--restart") as err:
-        run_merge(recipe, out, chunk_elems=7, max_memory=2**30)
+        run_merge(recipe, out, chunk_elems=7, max_memory=2**32)
     assert "input" in str(err.value)
     assert not (out / "streammerge.json").exists()
-    summary = run_merge(recipe, out, max_memory=2**30, restart=True)  # the current adapter
+    summary = run_merge(recipe, out, max_memory=2**32, restart=True)  # the current adapter
     got = load_output(out)
     for name, want, _ in reference_merge(recipe):
         assert same_bytes(got[name], want), name

@@ -152,7 +152,7 @@ def merged(tmp_path_factory):
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        run_merge(root / "recipe.yaml", root / "out", max_memory=2**30, chunk_elems=64)
+        run_merge(root / "recipe.yaml", root / "out", max_memory=2**32, chunk_elems=64)
     return root
 
 

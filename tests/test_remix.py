@@ -49,7 +49,7 @@ def write_recipe(path: Path, base: Path, fts: list[Path], weights: list[float], 
 
 
 def full_run(recipe: Path, out: Path, chunk: int = 40) -> Path:
-    run_merge(recipe, out, chunk_elems=chunk, shard_size=SHARD, max_memory=2**30)
+    run_merge(recipe, out, chunk_elems=chunk, shard_size=SHARD, max_memory=2**32)
     return out
 
 

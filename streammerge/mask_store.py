@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,11 +53,6 @@ from numcodecs.zstd import Zstd
 
 from .errors import StreamMergeError
 from .platform import current
-
-try:  # serializes packed-chunk updates between Ray workers on one host
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: one process writes a store
-    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .plan import MergePlan
@@ -419,15 +413,13 @@ class ZarrMaskStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        if fcntl is None:
-            yield
-            return
-        fd = os.open(self.path, os.O_RDONLY)
+        """Serialise packed-chunk updates between processes (Ray workers on one host)."""
+        held = current().wait_lock(self.path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # releases the lock
+            if held is not None:
+                held.release()
 
     def seal(self) -> None:
         """Fold the layout log into the ``masks`` attributes (and write the arrays' and

@@ -148,6 +148,15 @@ class Platform:
 
     # -- locking -------------------------------------------------------------------------------
 
+    def wait_lock(self, path: Path) -> HeldLock | None:
+        """Wait for an exclusive lock on the existing file or folder ``path`` (``flock``);
+        None where the OS has none (Windows: one process writes such files there)."""
+        if fcntl is None:
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _FlockLock(fd)
+
     def lock(self, path: Path) -> HeldLock:
         """Take an exclusive, non-blocking lock on ``path``; :class:`LockHeld` if taken."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | BINARY, 0o644)

@@ -63,7 +63,7 @@ def _scaled(base: torch.Tensor, fts: Sequence[torch.Tensor], st: _State) -> torc
 class Toy(MethodBase):
     spec = SPEC
 
-    def alignment(self, params: Sequence[ModelParams]) -> int:
+    def alignment(self, params: Sequence[ModelParams], shape: tuple[int, ...] = ()) -> int:
         return 8
 
     def work_bytes(self, k: int, itemsize: int) -> int:
@@ -72,7 +72,7 @@ class Toy(MethodBase):
     def resident_bytes(self, k: int, itemsize: int) -> int:
         return 4 * itemsize
 
-    def stats_passes(self, params, options, dtype) -> int:
+    def stats_passes(self, params, options, dtype, shape=()) -> int:
         return 1
 
     def chunk_local(self, params, options) -> bool:
